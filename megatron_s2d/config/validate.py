@@ -1,0 +1,160 @@
+"""Plan validation: everything that can be checked before a single process starts.
+
+Checks the stage DAG (unknown stages, cycles, the right model per stage kind), label hygiene (a stage may not consume
+labels an ancestor consumed unless it is marked ``replay``), batch-size divisibility, and value ranges. Layout and
+tokenizer checks need the model files and live in :mod:`megatron_s2d.pipeline.preflight`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from megatron_s2d.config.schema import PlanConfig, StageConfig
+from megatron_s2d.errors import S2DError
+
+RL_KINDS = ("teacher_rl", "student_rl")
+DISTILL_KINDS = ("fkl_warmup", "opd")
+
+
+def policy_model(stage: StageConfig) -> str:
+    """Which model of the plan a stage trains."""
+    return "teacher" if stage.kind == "teacher_rl" else "student"
+
+
+def parents(stage: StageConfig) -> list[str]:
+    """Stage names this stage reads checkpoints from (its policy init and its teacher)."""
+    out = []
+    if stage.init != "base":
+        out.append(stage.init)
+    if stage.teacher not in (None, "base"):
+        out.append(stage.teacher)
+    return out
+
+
+def topo_order(plan: PlanConfig, where: str = "plan") -> list[StageConfig]:
+    """Stages in dependency order; raises on unknown references and cycles (naming the cycle)."""
+    by_name = {s.name: s for s in plan.stages}
+    order, state = [], {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "active":
+            cycle = path[path.index(name):] + [name]
+            raise S2DError(f"{where}: stage graph has a cycle: {' -> '.join(cycle)}")
+        state[name] = "active"
+        for p in parents(by_name[name]):
+            visit(p, path + [name])
+        state[name] = "done"
+        order.append(by_name[name])
+
+    for s in plan.stages:
+        visit(s.name, [])
+    return order
+
+
+def ancestors(plan: PlanConfig, name: str) -> list[str]:
+    by_name = {s.name: s for s in plan.stages}
+    seen: list[str] = []
+    stack = list(parents(by_name[name]))
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.append(n)
+            stack.extend(parents(by_name[n]))
+    return seen
+
+
+def _check_stage(plan: PlanConfig, s: StageConfig, where: str) -> None:
+    by_name = {x.name: x for x in plan.stages}
+    w = f"{where}: stages.{s.name}"
+    for ref, label in ((s.init, "init"), (s.teacher, "teacher")):
+        if ref not in (None, "base") and ref not in by_name:
+            raise S2DError(f"{w}.{label} = {ref!r} names no stage; stages: {sorted(by_name)} (or 'base')")
+    if s.init != "base" and policy_model(by_name[s.init]) != policy_model(s):
+        raise S2DError(f"{w}.init = {s.init!r}: a {s.kind} stage trains the {policy_model(s)}, but stage "
+                       f"{s.init!r} trains the {policy_model(by_name[s.init])}")
+    if s.kind in DISTILL_KINDS:
+        if s.teacher is None:
+            raise S2DError(f"{w}.teacher is required for a {s.kind} stage ('base' or a teacher_rl stage name)")
+        if s.teacher != "base" and by_name[s.teacher].kind != "teacher_rl":
+            raise S2DError(f"{w}.teacher = {s.teacher!r} is a {by_name[s.teacher].kind} stage, not a teacher_rl stage")
+    elif s.teacher is not None:
+        raise S2DError(f"{w}.teacher is only meaningful for fkl_warmup / opd stages (got {s.teacher!r})")
+    if s.split is None:
+        raise S2DError(f"{w}.split is required (one of {sorted(plan.data.split.fractions)})")
+    if s.split not in plan.data.split.fractions:
+        raise S2DError(f"{w}.split = {s.split!r} is not a data split; splits: {sorted(plan.data.split.fractions)}")
+    for name, value in (("steps", s.steps), ("prompts_per_step", s.prompts_per_step),
+                        ("samples_per_prompt", s.samples_per_prompt), ("updates_per_step", s.updates_per_step),
+                        ("micro_batch_tokens", s.micro_batch_tokens)):
+        if value < 1:
+            raise S2DError(f"{w}.{name} = {value} must be >= 1")
+    seqs = s.prompts_per_step * s.samples_per_prompt
+    if seqs % s.updates_per_step:
+        raise S2DError(f"{w}: prompts_per_step x samples_per_prompt = {seqs} sequences is not divisible by "
+                       f"updates_per_step = {s.updates_per_step}")
+    if s.kind in RL_KINDS and s.samples_per_prompt < 2:
+        raise S2DError(f"{w}.samples_per_prompt = {s.samples_per_prompt}: GRPO needs a group of >= 2 samples")
+    if s.rollout.max_new_tokens >= s.micro_batch_tokens:
+        raise S2DError(f"{w}.micro_batch_tokens = {s.micro_batch_tokens} cannot hold one sequence of "
+                       f"max_new_tokens = {s.rollout.max_new_tokens} plus its prompt")
+    if s.kind == "fkl_warmup" and s.distill.fkl_mode == "topk" and s.distill.topk < 1:
+        raise S2DError(f"{w}.distill.topk must be >= 1 for fkl_mode = 'topk'")
+    o = s.optim
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise S2DError(f"{w}.optim.lr = {o.lr} must be a positive number")
+    if not 0 <= s.grpo.eps_low < 1 or s.grpo.eps_high < 0:
+        raise S2DError(f"{w}.grpo: eps_low must be in [0, 1) and eps_high >= 0")
+
+
+def label_ledger(plan: PlanConfig) -> dict[str, list[str]]:
+    """For every stage, the data splits whose labels it or its ancestors consumed (RL stages consume labels)."""
+    by_name = {s.name: s for s in plan.stages}
+    return {s.name: sorted({by_name[a].split for a in ancestors(plan, s.name) + [s.name]
+                            if by_name[a].kind in RL_KINDS}) for s in plan.stages}
+
+
+def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
+    if not plan.stages:
+        raise S2DError(f"{where}: 'stages' is empty")
+    names = [s.name for s in plan.stages]
+    for i, n in enumerate(names):
+        if not n:
+            raise S2DError(f"{where}: stages[{i}].name is empty")
+        if names.count(n) > 1:
+            raise S2DError(f"{where}: stage name {n!r} is used twice")
+    for role in ("teacher", "student"):
+        m = plan.models.get(role)
+        if m is None:
+            raise S2DError(f"{where}: models.{role} is required")
+        if not (m.hf or m.megatron or plan.toy_world):
+            raise S2DError(f"{where}: models.{role} needs 'hf' (HF folder) or 'megatron' (checkpoint folder)")
+        if m.tp < 1 or m.pp < 1:
+            raise S2DError(f"{where}: models.{role}: tp and pp must be >= 1")
+    unknown_models = sorted(set(plan.models) - {"teacher", "student"})
+    if unknown_models:
+        raise S2DError(f"{where}: models: unknown role(s) {unknown_models}; expected 'teacher' and 'student'")
+    fr = plan.data.split.fractions
+    if not fr or any(v <= 0 for v in fr.values()) or sum(fr.values()) > 1 + 1e-9:
+        raise S2DError(f"{where}: data.split.fractions {fr} must be positive and sum to <= 1")
+    for s in plan.stages:
+        _check_stage(plan, s, where)
+    topo_order(plan, where)
+    # Label hygiene: an RL stage must not consume labels an ancestor already consumed, unless marked replay.
+    by_name = {s.name: s for s in plan.stages}
+    for s in plan.stages:
+        if s.kind not in RL_KINDS:
+            continue
+        used = {by_name[a].split: a for a in ancestors(plan, s.name) if by_name[a].kind in RL_KINDS}
+        if s.split in used and not s.replay:
+            raise S2DError(
+                f"{where}: stages.{s.name} would reuse the labels of split {s.split!r}, already consumed by ancestor "
+                f"stage {used[s.split]!r}; use another split, or set replay: true (the matched-replay control)")
+    if plan.launch.nodes < 1 or plan.launch.procs_per_node < 1:
+        raise S2DError(f"{where}: launch.nodes and launch.procs_per_node must be >= 1")
+    world = plan.launch.nodes * plan.launch.procs_per_node
+    for role, m in plan.models.items():
+        if world % (m.tp * m.pp):
+            raise S2DError(f"{where}: models.{role}: tp x pp = {m.tp * m.pp} does not divide the world size "
+                           f"{world} (launch.nodes x launch.procs_per_node)")

@@ -1,0 +1,1 @@
+"""Runtime: distributed init (nccl|gloo), CPU support for megatron-core, checkpoint io."""

@@ -1,0 +1,110 @@
+"""Distributed initialisation: nccl on GPU, gloo on CPU, megatron-core model-parallel groups.
+
+One entry point, :func:`init_distributed`, used by every stage, test and benchmark. It works both under
+``torchrun`` (reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and in a bare single process (it then
+creates a world of one on a free loopback port), so the same code paths run in a notebook, CI and on SLURM.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from megatron_s2d.errors import S2DError
+from megatron_s2d.runtime import cpu_shim
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> DistInfo:
+    """Initialise torch.distributed (if needed) and megatron-core's tensor/pipeline/data-parallel groups.
+
+    Re-initialises the model-parallel groups when called again with another layout (used by tests and by the
+    conversion tool); the world itself is created once per process.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        cpu_shim.enable()
+    backend = "nccl" if cuda else "gloo"
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    world = torch.distributed.get_world_size()
+    if world % (tp * pp) != 0:
+        raise S2DError(
+            f"parallel layout: world size {world} is not divisible by tensor_parallel ({tp}) x "
+            f"pipeline_parallel ({pp}); launch {tp * pp * max(1, world // (tp * pp))} processes or change the layout"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size() == tp
+                and parallel_state.get_pipeline_model_parallel_world_size() == pp):
+            return _info(backend)
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        create_gloo_process_groups=not cuda,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return _info(backend)
+
+
+def _info(backend: str) -> DistInfo:
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    world = torch.distributed.get_world_size()
+    return DistInfo(
+        rank=torch.distributed.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        tp=tp, pp=pp, dp=world // (tp * pp), backend=backend, device=device(),
+    )
+
+
+def shutdown() -> None:
+    """Tear down model-parallel groups and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
