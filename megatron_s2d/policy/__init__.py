@@ -1,0 +1,1 @@
+"""Trainable policy and frozen scorer on megatron-core: vocab-parallel log-probs, train step, optimizer."""

@@ -1,0 +1,242 @@
+"""A megatron-core model that trains (policy) or only scores (frozen teacher / reference).
+
+One class serves both roles so they share the forward path, the micro-batching and the log-prob maths:
+  * trainable: megatron DDP (gradients summed over data parallel: losses carry global normalisers, so
+    ``calculate_per_token_loss`` is set and DDP does not average), megatron's optimizer (the distributed optimizer on
+    nccl; a plain one on gloo, which cannot reduce-scatter), grad clipping, warmup + constant/cosine LR schedule.
+  * frozen: eval mode, no grads, its own TP/PP layout (see ``scorer.py``).
+Every forward goes through megatron-core's pipeline schedule (``get_forward_backward_func``), so PP=1 and PP>1 share
+one code path. Objectives are callables ``(logits_shard (B,T,V/tp), micro_batch) -> (loss, metric sums)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from megatron_s2d.config.schema import ModelConfig, OptimConfig
+from megatron_s2d.errors import S2DError
+from megatron_s2d.models.arch import ArchSpec
+from megatron_s2d.models.build import ModelOptions, build_gpt_model
+from megatron_s2d.policy.batching import plan_micro_batches, slice_batch
+
+Objective = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+class NonFiniteError(S2DError):
+    """NaN/inf in the loss or gradients: the step is not applied and no checkpoint is written."""
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]  # summed metric numerators (all-reduced over DP), plus grad_norm / lr
+    num_micro_batches: int
+    padded_tokens: int
+
+
+def _finalize_grads(models, num_tokens=None, **kwargs):
+    # Our losses are already globally normalised: never rescale by num_tokens (megatron would, with
+    # calculate_per_token_loss); just run megatron's DP/PP-embedding gradient reductions.
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(models, None)
+
+
+class MegatronPolicy:
+    def __init__(self, arch: ArchSpec, model_cfg: ModelConfig, optim: OptimConfig | None = None,
+                 total_steps: int = 1, seed: int = 1234):
+        from megatron.core import parallel_state as ps
+
+        self.arch = arch
+        self.model_cfg = model_cfg
+        self.trainable = optim is not None
+        opts = ModelOptions(dtype=model_cfg.dtype, use_te=model_cfg.use_te, fp8=model_cfg.fp8,
+                            recompute=model_cfg.recompute, seed=seed)
+        model = build_gpt_model(arch, opts)
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.optimizer = self.scheduler = None
+        if self.trainable:
+            model.config.calculate_per_token_loss = True
+            model.config.finalize_model_grads_func = _finalize_grads
+            model.config.variable_seq_lengths = True  # micro-batches have different shapes (token budget)
+            self.model = self._wrap_ddp(model, optim)
+            self._build_optimizer(optim, total_steps)
+        else:
+            model.config.variable_seq_lengths = True
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.model = model
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _use_dist_optimizer(self, optim: OptimConfig) -> bool:
+        return optim.use_distributed_optimizer and torch.distributed.get_backend() == "nccl"
+
+    def _wrap_ddp(self, model, optim: OptimConfig):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=self._use_dist_optimizer(optim))
+        return DistributedDataParallel(model.config, ddp_cfg, model)
+
+    def _build_optimizer(self, optim: OptimConfig, total_steps: int) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        bf16 = self.model_cfg.dtype == "bf16"
+        cfg = OptimizerConfig(
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+            clip_grad=optim.grad_clip, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=self._use_dist_optimizer(optim),
+        )
+        self.optimizer = get_megatron_optimizer(cfg, [self.model])
+        decay_steps = max(1, total_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+            min_lr=optim.min_lr if optim.schedule == "cosine" else optim.lr,
+            lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
+            lr_decay_style="cosine" if optim.schedule == "cosine" else "constant",
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+        )
+
+    @property
+    def module(self):
+        """The bare GPTModel (unwrapped from DDP)."""
+        return self.model.module if self.trainable else self.model
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _run(self, batch: dict[str, torch.Tensor], objective: Objective, micro_batch_tokens: int,
+             forward_only: bool) -> tuple[list[dict], int, int]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        lengths = batch["lengths"].tolist()
+        plan = plan_micro_batches(lengths, micro_batch_tokens)
+        micro = [dict(slice_batch(batch, rows, length), rows=torch.tensor(rows))
+                 for rows, length in zip(plan.groups, plan.lengths)]
+        device = next(self.module.parameters()).device
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            mb = {k: v.to(device) for k, v in mb.items()}
+            tokens = mb["tokens"]
+            b, t = tokens.shape
+            pos = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
+            out = model(tokens, pos, None)
+
+            def loss_func(output):
+                loss, metrics = objective(output, mb)
+                metrics = dict(metrics)
+                metrics["rows"] = mb["rows"]
+                return loss, torch.tensor(0, dtype=torch.int), metrics
+
+            return out, loss_func
+
+        fb = get_forward_backward_func()
+        max_len = max(plan.lengths) if plan.lengths else 1
+        store = fb(forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
+                   num_microbatches=len(micro), seq_length=max_len, micro_batch_size=1,
+                   forward_only=forward_only)
+        return self._from_last_stage(store), len(micro), plan.padded_tokens
+
+    def _from_last_stage(self, store: list[dict]) -> list[dict]:
+        """The schedule's outputs live on the last pipeline stage: broadcast them to the other stages."""
+        if self.pp_size == 1:
+            return store
+        from megatron.core import parallel_state as ps
+
+        obj = [store if self.is_last_stage else None]
+        torch.distributed.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
+                                                group=ps.get_pipeline_model_parallel_group())
+        return obj[0]
+
+    @torch.no_grad()
+    def forward_values(self, batch: dict[str, torch.Tensor], objective: Objective,
+                       micro_batch_tokens: int) -> dict[str, torch.Tensor]:
+        """Forward only; ``objective`` returns per-row tensors in its metrics (dim 0 = row). Reassembled in batch
+        order and padded on dim 1 to the batch's T."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            store, _, _ = self._run(batch, objective, micro_batch_tokens, forward_only=True)
+        finally:
+            self.model.train(was_training)
+        n, t = batch["tokens"].shape
+        out: dict[str, torch.Tensor] = {}
+        for d in store:
+            rows = d["rows"]
+            for k, v in d.items():
+                if k == "rows":
+                    continue
+                if k not in out:
+                    out[k] = torch.zeros((n, t) + tuple(v.shape[2:]), dtype=v.dtype)
+                out[k][rows, : v.shape[1]] = v.cpu()
+        # positions past a row's length depend on how rows were grouped into micro-batches: zero them so the
+        # result is a function of the row alone
+        valid = torch.arange(t)[None, :] < batch["lengths"][:, None]
+        for k, v in out.items():
+            out[k] = v * valid.view(n, t, *([1] * (v.dim() - 2))).to(v.dtype)
+        return out
+
+    # ----------------------------------------------------------------------------------------------- train
+    def train_step(self, batch: dict[str, torch.Tensor], objective: Objective, micro_batch_tokens: int) -> StepResult:
+        """One optimizer update on ``batch`` (this DP rank's rows). Raises NonFiniteError without updating."""
+        if not self.trainable:
+            raise S2DError("train_step called on a frozen model")
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        store, n_micro, padded = self._run(batch, objective, micro_batch_tokens, forward_only=False)
+        metrics = _sum_metrics(store)
+        finite = torch.tensor([1.0 if all(math.isfinite(float(v)) for v in metrics.values()) else 0.0])
+        for p in self.module.parameters():
+            g = getattr(p, "main_grad", None)
+            if g is not None and not torch.isfinite(g).all():
+                finite.zero_()
+                break
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.optimizer.zero_grad()
+            raise NonFiniteError(f"non-finite loss or gradients (loss metrics: {metrics}); the update was skipped "
+                                 "and no checkpoint was written — lower optim.lr or check the inputs")
+        metrics = _all_reduce_metrics(metrics, self.dp_group)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return StepResult(metrics=metrics, num_micro_batches=n_micro, padded_tokens=padded)
+
+
+def _sum_metrics(store: list[dict]) -> dict[str, torch.Tensor]:
+    """Combine micro-batch metrics with each key's reduce op (see ``losses.metrics``)."""
+    from megatron_s2d.losses import merge_metrics
+
+    out: dict[str, torch.Tensor] = {}
+    for d in store:
+        out = merge_metrics(out, {k: v.detach().double().reshape(()) for k, v in d.items() if k != "rows"})
+    return out
+
+
+def _all_reduce_metrics(metrics: dict[str, torch.Tensor], group) -> dict[str, float]:
+    """All-reduce metric totals over ``group`` with each key's op (sum / max / min)."""
+    from megatron_s2d.losses import metric_reduce_op
+
+    if metrics and torch.distributed.get_world_size(group) > 1:
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+               "min": torch.distributed.ReduceOp.MIN}
+        for op_name, op in ops.items():
+            keys = sorted(k for k in metrics if metric_reduce_op(k) == op_name)
+            if keys:
+                t = torch.stack([metrics[k] for k in keys])
+                torch.distributed.all_reduce(t, op=op, group=group)
+                metrics.update(zip(keys, t.unbind()))
+    return {k: float(v) for k, v in metrics.items()}
