@@ -1,0 +1,155 @@
+"""Sparse math reward r(x, y) in {0, 1}: does the final answer of response y equal the gold answer? (math-verify)
+
+    >>> math_reward("... so the area is \\boxed{\\frac{1}{2}}.", "0.5")
+    1.0
+    >>> score_batch(["\\boxed{3}", "The answer is 4."], ["3", "5"])
+    [1.0, 0.0]
+
+Pipeline per response (the paper uses math-verify; the extraction and limits below are ours):
+1. `extract.extract_answer`: last `\\boxed{}`/`\\fbox{}` in the last 4096 chars, else "answer is X"/"Answer: X",
+   else the last number of the final line (see `extract.py` for the exact rule). None / non-str / empty -> 0.
+2. `extract.precheck_answer`: over-long, too deeply nested, or look-alike unicode answers -> 0 without parsing.
+3. `extract.fast_compare`: identical normalised text or two plain integers are decided in-process.
+4. Otherwise math-verify `parse` + `verify` in a worker process with a hard deadline of `timeout_s` per response
+   (`pool.VerifierPool`): a worker that overruns is killed and replaced, and the response scores 0.
+Gold answers are trusted dataset labels: they must be non-empty strings (ints are accepted and converted);
+a `\\boxed{}` or `$...$` around a gold is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from megatron_s2d.errors import S2DError
+from megatron_s2d.rewards.extract import (
+    extract_answer,
+    fast_compare,
+    gold_answer_text,
+    normalize_answer_text,
+    precheck_answer,
+)
+from megatron_s2d.rewards.pool import get_pool
+
+OUTCOMES = ("correct", "wrong", "no_answer", "rejected", "no_parse", "timeout", "crashed", "error")
+
+
+@dataclass
+class RewardStats:
+    """Counts for one scored batch. `outcomes` maps each label in `OUTCOMES` to a count."""
+
+    n: int = 0
+    wall_s: float = 0.0
+    n_fast_path: int = 0
+    """Decided in-process (exact text or plain integers), without a worker."""
+    n_worker: int = 0
+    """Decided by a worker process (identical (answer, gold) pairs within a batch share one worker call)."""
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+    @property
+    def n_correct(self) -> int:
+        return self.outcomes["correct"]
+
+    @property
+    def n_timeout(self) -> int:
+        return self.outcomes["timeout"]
+
+    @property
+    def problems_per_s(self) -> float:
+        """Throughput: responses scored per second of wall time."""
+        return self.n / self.wall_s if self.wall_s > 0 else float("inf")
+
+
+@dataclass
+class BatchResult:
+    scores: list[float]
+    """1.0 / 0.0 per response, input order."""
+    outcomes: list[str]
+    """Outcome label per response (one of `OUTCOMES`)."""
+    stats: RewardStats
+
+
+def _gold_text(gold: object, index: int) -> str:
+    if isinstance(gold, bool) or not isinstance(gold, (str, int)):
+        raise S2DError(f"golds[{index}]: gold answer must be a str (or int), got {type(gold).__name__}")
+    text = gold_answer_text(str(gold))
+    if not text:
+        raise S2DError(f"golds[{index}]: gold answer is empty")
+    return text
+
+
+def default_workers() -> int:
+    """Worker processes used when `workers=None`: the CPUs this process may run on, capped at 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def score_batch_with_stats(
+    responses: list, golds: list, timeout_s: float = 1.0, workers: int | None = None
+) -> BatchResult:
+    """Score `responses[i]` against `golds[i]` in parallel over the worker pool; see the module docstring."""
+    if len(responses) != len(golds):
+        raise S2DError(f"score_batch: {len(responses)} responses but {len(golds)} golds")
+    if timeout_s <= 0:
+        raise S2DError(f"score_batch: timeout_s must be > 0, got {timeout_s}")
+    t0 = time.perf_counter()
+    gold_texts = [_gold_text(g, i) for i, g in enumerate(golds)]
+    n = len(responses)
+    scores = [0.0] * n
+    outcomes = ["no_answer"] * n
+    stats = RewardStats(n=n)
+    to_worker: list[int] = []
+    tasks: list[tuple[str, str]] = []
+    for i, (response, gold) in enumerate(zip(responses, gold_texts)):
+        answer = extract_answer(response)
+        if answer is None:
+            continue
+        if precheck_answer(answer) is not None:
+            outcomes[i] = "rejected"
+            continue
+        pred = normalize_answer_text(answer)
+        if not pred:
+            continue
+        decided = fast_compare(pred, gold)
+        if decided is not None:
+            stats.n_fast_path += 1
+            scores[i], outcomes[i] = decided, "correct" if decided == 1.0 else "wrong"
+            continue
+        to_worker.append(i)
+        tasks.append((pred, gold))
+    if tasks:
+        n_workers = default_workers() if workers is None else workers
+        if n_workers < 1:
+            raise S2DError(f"score_batch: workers must be >= 1, got {workers}")
+        # Samples of one GRPO group often share an answer: send each distinct (pred, gold) pair once.
+        unique = list(dict.fromkeys(tasks))
+        by_pair = dict(zip(unique, get_pool().run(unique, timeout_s, n_workers)))
+        for i, pair in zip(to_worker, tasks):
+            res = by_pair[pair]
+            scores[i] = res.score
+            if res.status == "ok":
+                outcomes[i] = "correct" if res.score == 1.0 else "wrong"
+            elif res.status == "soft_timeout":
+                outcomes[i] = "timeout"
+            else:
+                outcomes[i] = res.status
+    stats.n_worker = len(tasks)
+    for label in outcomes:
+        stats.outcomes[label] += 1
+    stats.wall_s = time.perf_counter() - t0
+    return BatchResult(scores=scores, outcomes=outcomes, stats=stats)
+
+
+def score_batch(responses: list, golds: list, timeout_s: float = 1.0, workers: int | None = None) -> list[float]:
+    """1.0/0.0 per (response, gold) pair, in input order. `timeout_s` is the hard limit per response."""
+    return score_batch_with_stats(responses, golds, timeout_s=timeout_s, workers=workers).scores
+
+
+def math_reward(response: str, gold: str, timeout_s: float = 1.0) -> float:
+    """1.0 if the final answer of `response` equals `gold` (math-verify), else 0.0. Never takes much longer than
+    `timeout_s` once the worker pool is up (the first call also starts a worker, ~1 s)."""
+    return score_batch_with_stats([response], [gold], timeout_s=timeout_s, workers=1).scores[0]
