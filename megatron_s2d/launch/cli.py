@@ -1,0 +1,130 @@
+"""The ``s2d`` command: run plans, convert checkpoints, evaluate, report, build the toy world.
+
+    s2d run PLAN.yaml [key=value ...] [--stages a,b] [--executor local|slurm] [--dry-run] [--nproc N]
+    s2d convert hf-to-megatron | megatron-to-hf | verify ...
+    s2d eval --model DIR --data NAME_OR_PATH [--k 16] [--engine megatron|vllm]
+    s2d report RUN_DIR
+    s2d toy build --out DIR [--seed 0]
+Imports stay light at module level so ``s2d --help`` works on a CPU-only login node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_run(args) -> int:
+    from megatron_s2d.config import load_plan
+    from megatron_s2d.launch.experiment import run_plan
+    from megatron_s2d.pipeline.preflight import prepare_run
+
+    plan = load_plan(args.plan, args.overrides)
+    stages = [s for s in args.stages.split(",") if s] if args.stages else None
+    if stages:
+        unknown = sorted(set(stages) - {s.name for s in plan.stages})
+        if unknown:
+            from megatron_s2d.errors import S2DError
+
+            raise S2DError(f"--stages: unknown stage(s) {unknown}; plan stages: {[s.name for s in plan.stages]}")
+    executor = args.executor or plan.launch.executor
+    if args.dry_run:
+        from megatron_s2d.launch.dry_run import dry_run
+
+        return dry_run(plan, args.plan, stages=stages, executor=executor)
+    plan, layout = prepare_run(plan, log=lambda m: print(f"[s2d] {m}", flush=True))
+    rc = run_plan(plan, str(layout.plan), stages=stages, executor=executor)
+    if rc == 0 and executor == "local":
+        from megatron_s2d.pipeline.report import write_report
+
+        md, plots = write_report(layout.root)
+        print("\n" + md)
+        for p in plots:
+            print(f"plot: {p}")
+    return rc
+
+
+def _cmd_report(args) -> int:
+    from megatron_s2d.pipeline.report import write_report
+
+    md, plots = write_report(args.run_dir)
+    print(md)
+    for p in plots:
+        print(f"plot: {p}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from megatron_s2d.eval.standalone import main as eval_main
+
+    return eval_main(args)
+
+
+def _cmd_toy(args) -> int:
+    from megatron_s2d.toy.build import build_toy_world
+
+    world = build_toy_world(args.out, seed=args.seed, force=args.force)
+    print(world)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="s2d", description="megatron-s2d: the sparse-to-dense reward pipeline")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a plan (all stages, or --stages), resuming completed work")
+    run.add_argument("plan")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.opd.steps=2 eval.k=4")
+    run.add_argument("--stages", default=None, help="comma-separated subset of stage names")
+    run.add_argument("--executor", choices=["local", "slurm"], default=None)
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate layouts + memory and render sbatch scripts without running anything")
+    run.set_defaults(fn=_cmd_run)
+
+    conv = sub.add_parser("convert", help="HF <-> megatron checkpoint conversion")
+    from checkpoints_convert.cli import add_convert_subcommands
+
+    add_convert_subcommands(conv.add_subparsers(dest="convert_command", required=True))
+
+    ev = sub.add_parser("eval", help="avg@k of a checkpoint on MATH / AIME / a local file")
+    ev.add_argument("--model", required=True, help="megatron-s2d checkpoint or HF folder")
+    ev.add_argument("--data", required=True, action="append", help="dataset name or path (repeatable)")
+    ev.add_argument("--k", type=int, default=16)
+    ev.add_argument("--engine", choices=["megatron", "vllm"], default="megatron")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--max-new-tokens", type=int, default=1024)
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--tp", type=int, default=1)
+    ev.add_argument("--out", default=None, help="write the JSON results here")
+    ev.set_defaults(fn=_cmd_eval)
+
+    rep = sub.add_parser("report", help="paper-style table + plots of a run")
+    rep.add_argument("run_dir")
+    rep.set_defaults(fn=_cmd_report)
+
+    toy = sub.add_parser("toy", help="the embedded toy world")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    tb = toy_sub.add_parser("build", help="build the tiny base teacher/student + tokenizer")
+    tb.add_argument("--out", required=True)
+    tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--force", action="store_true")
+    tb.set_defaults(fn=_cmd_toy)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_s2d.errors import S2DError
+
+    args = build_parser().parse_args(argv)
+    try:
+        rc = args.fn(args)
+    except S2DError as e:
+        print(f"s2d: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Stage 2a (fkl_warmup; also the teacher-sample-SFT control): forward KL of the student on *teacher* rollouts.
+
+    once:      the frozen teacher generates ``teacher_samples_per_prompt`` responses for every prompt the stage
+               will use, with its top-k log-probs at each position; cached on disk (per DP rank)
+    for step:  minimise  sum_t KL(pi_T(.|s_t) || pi_S(.|s_t))  on teacher occupancy
+               - fkl_mode "topk":    sum_{v in top-k_T} p_T(v)(log p_T(v) - log p_S(v)) + tail bucket
+               - fkl_mode "sampled": NLL of the teacher's sampled tokens (= teacher-sample SFT)
+No labels are used (prompts only). The cached top-k comes from the teacher's own sampler at the rollout
+temperature; when that temperature is not 1 the teacher re-scores its samples at T = 1 (the KL target is pi_T).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from megatron_s2d.policy import objectives as O
+from megatron_s2d.stages import common as C
+from megatron_s2d.stages.batch import samples_to_batch
+
+
+def _cache_path(ctx):
+    return ctx.dir / "teacher_cache" / f"dp_rank_{ctx._dp_rank():05d}.pt"
+
+
+def teacher_rollouts(ctx) -> list:
+    """Generate (or load) the teacher samples for every step of this stage, for this DP rank."""
+    path = _cache_path(ctx)
+    if path.is_file():
+        ctx.log(f"teacher rollouts: cached {path}")
+        return torch.load(path, weights_only=False)
+    st, d = ctx.stage, ctx.stage.distill
+    teacher, _ = ctx.build_scorer(st.teacher, "teacher")
+    engine = ctx.make_engine(teacher)
+    topk = d.topk if d.fkl_mode == "topk" else 0
+    t0 = time.perf_counter()
+    idx = [i for step in range(st.steps) for i in ctx.dp_share(ctx.step_problems(step, st.prompts_per_step))]
+    params = C.sampling_params(ctx, 0, d.teacher_samples_per_prompt, topk=topk, salt=1)
+    samples, gen_m = C.generate(ctx, engine, idx, params)
+    if topk and st.rollout.temperature != 1.0:
+        batch = C.to_batch(ctx, samples)
+        out = teacher.forward_values(batch, O.logprob_values(teacher.tp_group, 1.0, topk=topk),
+                                     st.micro_batch_tokens)
+        for i, s in enumerate(samples):
+            p, r = len(s.prompt_ids), len(s.response_ids)
+            s.topk_ids = out["topk_ids"][i, p:p + r].tolist()
+            s.topk_logprobs = out["topk_logprobs"][i, p:p + r].tolist()
+    ctx.log(f"teacher rollouts: {len(samples)} samples, {gen_m['generated_tokens']:.0f} tokens in "
+            f"{time.perf_counter() - t0:.1f}s ({gen_m['tokens_per_s']:.0f} tok/s)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(samples, tmp)
+    os.replace(tmp, path)
+    del teacher, engine
+    return samples
+
+
+def run(ctx, preemption=None) -> bool:
+    """Returns True when preempted (a checkpoint was saved; the job should exit for requeue)."""
+    st, d = ctx.stage, ctx.stage.distill
+    ctx.check_tokenizer(ctx.checkpoint_of(st.teacher, "teacher"))
+    policy, state = ctx.build_policy()
+    ctx.truncate_metrics_log(state.step)
+    cache = teacher_rollouts(ctx)
+    per_step = len(cache) // st.steps
+    topk = d.fkl_mode == "topk"
+    for step in range(state.step, st.steps):
+        t0 = time.perf_counter()
+        samples = cache[step * per_step:(step + 1) * per_step]
+        batch = C.to_batch(ctx, samples, topk=topk)
+        if topk:
+            batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = batch.pop("topk_ids"), batch.pop("topk_logprobs")
+        make = lambda norm: O.forward_kl(policy.tp_group, norm, mode=d.fkl_mode, tail=d.tail)
+        metrics = {**C.rollout_metrics(samples), "fkl_mode_topk": float(topk)}
+        metrics.update(C.train_updates(ctx, policy, batch, make))
+        tot = ctx.all_reduce_sum([float(len(samples) // d.teacher_samples_per_prompt),
+                                  float(sum(len(s.response_ids) for s in samples))])
+        state.ledger.prompts += int(tot[0])
+        state.ledger.generated_tokens += int(tot[1])
+        state.ledger.teacher_scored_tokens += int(tot[1]) if topk else 0
+        if C.end_step(ctx, policy, state, step, metrics, t0, preemption):
+            return True
+    ctx.finish(policy, state)
+    return False
