@@ -108,11 +108,16 @@ def _check_stage(plan: PlanConfig, s: StageConfig, where: str) -> None:
         raise S2DError(f"{w}.grpo: eps_low must be in [0, 1) and eps_high >= 0")
 
 
+def consumes_labels(stage: StageConfig) -> bool:
+    """RL stages use gold answers; so does OPD when the sparse task reward is mixed into its dense reward."""
+    return stage.kind in RL_KINDS or (stage.kind == "opd" and stage.distill.opd_task_reward_coef != 0)
+
+
 def label_ledger(plan: PlanConfig) -> dict[str, list[str]]:
-    """For every stage, the data splits whose labels it or its ancestors consumed (RL stages consume labels)."""
+    """For every stage, the data splits whose labels it or its ancestors consumed."""
     by_name = {s.name: s for s in plan.stages}
     return {s.name: sorted({by_name[a].split for a in ancestors(plan, s.name) + [s.name]
-                            if by_name[a].kind in RL_KINDS}) for s in plan.stages}
+                            if consumes_labels(by_name[a])}) for s in plan.stages}
 
 
 def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
@@ -141,12 +146,12 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
     for s in plan.stages:
         _check_stage(plan, s, where)
     topo_order(plan, where)
-    # Label hygiene: an RL stage must not consume labels an ancestor already consumed, unless marked replay.
+    # Label hygiene: a stage must not consume labels an ancestor already consumed, unless marked replay.
     by_name = {s.name: s for s in plan.stages}
     for s in plan.stages:
-        if s.kind not in RL_KINDS:
+        if not consumes_labels(s):
             continue
-        used = {by_name[a].split: a for a in ancestors(plan, s.name) if by_name[a].kind in RL_KINDS}
+        used = {by_name[a].split: a for a in ancestors(plan, s.name) if consumes_labels(by_name[a])}
         if s.split in used and not s.replay:
             raise S2DError(
                 f"{where}: stages.{s.name} would reuse the labels of split {s.split!r}, already consumed by ancestor "

@@ -1,0 +1,107 @@
+"""Plan loading: inheritance, overrides, typing errors, DAG and label-hygiene validation."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_s2d.config import load_plan
+from megatron_s2d.config.validate import label_ledger, topo_order
+from megatron_s2d.errors import S2DError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+BASE = {
+    "name": "t", "run_dir": "runs/t",
+    "models": {"teacher": {"hf": "/x/teacher"}, "student": {"hf": "/x/student"}},
+    "stage_defaults": {"steps": 2, "prompts_per_step": 4, "samples_per_prompt": 2},
+    "stages": [
+        {"name": "t_rl", "kind": "teacher_rl", "split": "1H"},
+        {"name": "fkl", "kind": "fkl_warmup", "teacher": "t_rl", "split": "1H"},
+        {"name": "opd", "kind": "opd", "init": "fkl", "teacher": "t_rl", "split": "1H"},
+        {"name": "s_rl", "kind": "student_rl", "init": "opd", "split": "2H"},
+    ],
+}
+
+
+def _write(tmp_path, data, name="plan.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _with(**changes):
+    import copy
+
+    d = copy.deepcopy(BASE)
+    d.update(changes)
+    return d
+
+
+def test_defaults_overrides_and_order(tmp_path):
+    plan = load_plan(_write(tmp_path, BASE), ["stages.opd.steps=7", "eval.k=4", "stages.s_rl.optim.lr=2e-5"])
+    by = {s.name: s for s in plan.stages}
+    assert by["opd"].steps == 7 and by["fkl"].steps == 2 and by["s_rl"].samples_per_prompt == 2
+    assert plan.eval.k == 4 and by["s_rl"].optim.lr == 2e-5
+    assert [s.name for s in topo_order(plan)] == ["t_rl", "fkl", "opd", "s_rl"]
+    assert label_ledger(plan)["s_rl"] == ["1H", "2H"] and label_ledger(plan)["opd"] == ["1H"]
+
+
+def test_base_inheritance(tmp_path):
+    _write(tmp_path, BASE, "base.yaml")
+    plan = load_plan(_write(tmp_path, {"base": "base.yaml", "name": "child", "eval": {"k": 2}}))
+    assert plan.name == "child" and plan.eval.k == 2 and len(plan.stages) == 4
+
+
+@pytest.mark.parametrize("data,match", [
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "nope", "split": "1H"}]), r"stages\[4\]\.kind"),
+    (_with(stages=[{"name": "a", "kind": "student_rl", "init": "b", "split": "1H"},
+                   {"name": "b", "kind": "student_rl", "init": "a", "split": "2H"}]), "cycle: a -> b -> a|cycle: b -> a -> b"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "init": "ghost", "split": "2H"}]),
+     "init = 'ghost' names no stage"),
+    (_with(stages=BASE["stages"] + [{"name": "reuse", "kind": "student_rl", "init": "opd", "split": "1H"}]),
+     "reuse the labels of split '1H'"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "opd", "split": "1H"}]), "teacher is required"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "init": "t_rl", "split": "2H"}]),
+     "trains the student, but stage 't_rl' trains the teacher"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "split": "3H"}]), "not a data split"),
+    (_with(stages=[dict(BASE["stages"][0], samples_per_prompt=1)]), "group of >= 2"),
+    (_with(stages=[dict(BASE["stages"][0], updates_per_step=3)]), "not divisible by updates_per_step"),
+    (_with(models={"teacher": {"hf": "/x", "tp": 3}, "student": {"hf": "/y"}}), "does not divide the world size"),
+    (_with(eval={"k": "many"}), r"eval\.k: expected an integer"),
+    (_with(surprise=1), r"unknown key\(s\) \['surprise'\]"),
+])
+def test_bad_plans_fail_with_named_field(tmp_path, data, match):
+    with pytest.raises(S2DError, match=match):
+        load_plan(_write(tmp_path, data))
+
+
+def test_replay_allows_label_reuse(tmp_path):
+    data = _with(stages=BASE["stages"] + [{"name": "replay", "kind": "student_rl", "init": "opd", "split": "1H",
+                                            "replay": True, "control": "matched_replay"}])
+    plan = load_plan(_write(tmp_path, data))
+    assert label_ledger(plan)["replay"] == ["1H"]
+
+
+def test_opd_with_task_reward_consumes_labels(tmp_path):
+    stages = [dict(s) for s in BASE["stages"]]
+    stages[2]["distill"] = {"opd_task_reward_coef": 0.5}
+    stages[2]["split"] = "2H"
+    stages[3]["split"] = "2H"
+    with pytest.raises(S2DError, match="already consumed by ancestor stage 'opd'"):
+        load_plan(_write(tmp_path, _with(stages=stages)))
+
+
+def test_override_errors(tmp_path):
+    p = _write(tmp_path, BASE)
+    with pytest.raises(S2DError, match="no stage named 'ghost'"):
+        load_plan(p, ["stages.ghost.steps=1"])
+    with pytest.raises(S2DError, match="expected key=value"):
+        load_plan(p, ["stages.opd.steps"])
+
+
+def test_shipped_toy_plan_loads():
+    plan = load_plan(ROOT / "run_configs" / "toy_cpu.yaml")
+    kinds = {s.kind for s in plan.stages}
+    assert kinds == {"teacher_rl", "fkl_warmup", "opd", "student_rl"}
+    assert {"cold_grpo", "opd_only", "teacher_sample_sft"} <= {s.control for s in plan.stages}
