@@ -17,31 +17,30 @@ import sys
 def _cmd_run(args) -> int:
     from megatron_s2d.config import load_plan
     from megatron_s2d.launch.experiment import run_plan
-    from megatron_s2d.pipeline.preflight import prepare_run
+    from megatron_s2d.pipeline.layout import RunLayout
+    from megatron_s2d.pipeline.preflight import prepare_run, write_resolved_plan
 
     plan = load_plan(args.plan, args.overrides)
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
-    if stages:
-        unknown = sorted(set(stages) - {s.name for s in plan.stages})
-        if unknown:
-            from megatron_s2d.errors import S2DError
-
-            raise S2DError(f"--stages: unknown stage(s) {unknown}; plan stages: {[s.name for s in plan.stages]}")
     executor = args.executor or plan.launch.executor
+    log = lambda m: print(f"[s2d] {m}", flush=True)  # noqa: E731
     if args.dry_run:
-        from megatron_s2d.launch.dry_run import dry_run
-
-        return dry_run(plan, args.plan, stages=stages, executor=executor)
-    plan, layout = prepare_run(plan, log=lambda m: print(f"[s2d] {m}", flush=True))
-    rc = run_plan(plan, str(layout.plan), stages=stages, executor=executor)
-    if rc == 0 and executor == "local":
+        # No model weights, no conversion, no toy build: layouts are checked from config.json files.
+        layout = RunLayout.of(plan.run_dir)
+        write_resolved_plan(plan, layout)
+        run_plan(plan, str(layout.plan), stages=stages, executor=executor, dry_run=True)
+        return 0
+    plan, layout = prepare_run(plan, log=log)
+    run_plan(plan, str(layout.plan), stages=stages, executor=executor)
+    if executor == "local":  # on SLURM the report is the last dependent job
         from megatron_s2d.pipeline.report import write_report
 
         md, plots = write_report(layout.root)
-        print("\n" + md)
-        for p in plots:
-            print(f"plot: {p}")
-    return rc
+        print("\n" + md + "\n", flush=True)
+        log(f"report: {layout.report / 'report.md'}")
+        for png in plots:
+            log(f"plot: {png}")
+    return 0
 
 
 def _cmd_report(args) -> int:

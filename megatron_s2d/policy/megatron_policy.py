@@ -197,7 +197,10 @@ class MegatronPolicy:
         self.optimizer.zero_grad()
         store, n_micro, padded = self._run(batch, objective, micro_batch_tokens, forward_only=False)
         metrics = _sum_metrics(store)
-        finite = torch.tensor([1.0 if all(math.isfinite(float(v)) for v in metrics.values()) else 0.0])
+        from megatron_s2d.runtime.dist import comm_device
+
+        finite = torch.tensor([1.0 if all(math.isfinite(float(v)) for v in metrics.values()) else 0.0],
+                              device=comm_device())
         for p in self.module.parameters():
             g = getattr(p, "main_grad", None)
             if g is not None and not torch.isfinite(g).all():
@@ -229,6 +232,7 @@ def _sum_metrics(store: list[dict]) -> dict[str, torch.Tensor]:
 def _all_reduce_metrics(metrics: dict[str, torch.Tensor], group) -> dict[str, float]:
     """All-reduce metric totals over ``group`` with each key's op (sum / max / min)."""
     from megatron_s2d.losses import metric_reduce_op
+    from megatron_s2d.runtime.dist import comm_device
 
     if metrics and torch.distributed.get_world_size(group) > 1:
         ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
@@ -236,7 +240,7 @@ def _all_reduce_metrics(metrics: dict[str, torch.Tensor], group) -> dict[str, fl
         for op_name, op in ops.items():
             keys = sorted(k for k in metrics if metric_reduce_op(k) == op_name)
             if keys:
-                t = torch.stack([metrics[k] for k in keys])
+                t = torch.stack([metrics[k] for k in keys]).to(comm_device())
                 torch.distributed.all_reduce(t, op=op, group=group)
                 metrics.update(zip(keys, t.unbind()))
     return {k: float(v) for k, v in metrics.items()}

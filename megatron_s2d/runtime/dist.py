@@ -47,6 +47,13 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives on the default group must live (nccl: the GPU; gloo: the CPU)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed (if needed) and megatron-core's tensor/pipeline/data-parallel groups.
 
@@ -81,7 +88,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        create_gloo_process_groups=not cuda,
+        create_gloo_process_groups=True,  # the distributed optimizer needs the gloo DP groups too
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -187,7 +187,9 @@ class StageContext:
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         from megatron.core import parallel_state as ps
 
-        t = torch.tensor(values, dtype=torch.float64)
+        from megatron_s2d.runtime.dist import comm_device
+
+        t = torch.tensor(values, dtype=torch.float64, device=comm_device())
         torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
         return t.tolist()
 

@@ -1,0 +1,135 @@
+"""The real CLI on a shortened plan: every stage through the NeMo-Run local executor, lineage, report, re-run
+skipping, resume after a crash mid-stage (same final weights as an uninterrupted run), and bad plans refused
+before anything runs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.functional.conftest import ROOT, mini_plan, s2d, write_plan
+
+pytestmark = pytest.mark.functional
+
+
+def test_plan_end_to_end_lineage_report_and_rerun(mini_world, tmp_path):
+    stages = [
+        {"name": "teacher_rl", "kind": "teacher_rl", "split": "1H"},
+        {"name": "fkl", "kind": "fkl_warmup", "teacher": "teacher_rl", "split": "1H",
+         "distill": {"topk": 4, "teacher_samples_per_prompt": 2}},
+        {"name": "opd", "kind": "opd", "init": "fkl", "teacher": "teacher_rl", "split": "1H"},
+        {"name": "student_rl", "kind": "student_rl", "init": "opd", "split": "2H"},
+        {"name": "cold_grpo", "kind": "student_rl", "split": "2H", "control": "cold_grpo"},
+    ]
+    run = tmp_path / "run"
+    plan = write_plan(tmp_path / "plan.yaml", mini_plan(mini_world, run, stages, eval={"k": 2, "max_new_tokens": 8,
+                                                                                         "include_base": True}))
+    proc = s2d("run", plan, "stage_defaults.steps=2")
+    for name in ("base_eval", "teacher_rl", "fkl", "opd", "student_rl", "cold_grpo"):
+        assert (run / "stages" / name / "COMPLETE").is_file(), name
+    lin = json.loads((run / "stages" / "student_rl" / "lineage.json").read_text())
+    assert lin["parents"]["init"] == "opd" and set(lin["ancestors"]) == {"opd", "fkl", "teacher_rl"}
+    assert lin["labels_used_by_lineage"] == ["1H", "2H"]
+    splits = json.loads((run / "data" / "splits.json").read_text())
+    assert lin["split_manifest"]["content_hash"] == splits["2H"]["content_hash"]
+    assert lin["ledger"]["labels_consumed"] == 4 and lin["ledger"]["generated_tokens"] > 0
+    assert lin["ancestor_ledgers"]["opd"]["teacher_scored_tokens"] > 0
+    assert lin["ancestor_ledgers"]["opd"]["labels_consumed"] == 0
+    assert Path(lin["final_checkpoint"]).is_dir() and len(lin["config_hash"]) == 16
+    metrics = [json.loads(l) for l in (run / "stages" / "opd" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all("reverse_kl_mean" in m for m in metrics)
+    report = (run / "report" / "report.md").read_text()
+    for route in ("teacher_base", "student_base", "teacher_rl", "student_rl", "cold_grpo"):
+        assert f"| {route} |" in report
+    assert (run / "report" / "training_curves.png").stat().st_size > 1000
+    assert (run / "report" / "accuracy_per_route.png").stat().st_size > 1000
+    # every figure in the report is the run's own: eval.json of a stage matches its table cell
+    ev = json.loads((run / "stages" / "cold_grpo" / "eval.json").read_text())["results"]["mini-test"]
+    assert f"{100 * ev['avg']:.1f} ± {100 * ev['stderr']:.1f}" in report
+    # a second run skips every completed stage
+    t0 = time.perf_counter()
+    again = s2d("run", plan, "stage_defaults.steps=2")
+    assert "job teacher_rl" not in again.stdout and time.perf_counter() - t0 < 120
+
+
+def _final_weights(ckpt: Path, out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from checkpoints_convert.megatron_to_hf import convert_megatron_to_hf
+
+    convert_megatron_to_hf(ckpt, out)
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def test_resume_after_crash_gives_the_same_final_checkpoint(mini_world, tmp_path):
+    stages = [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H", "steps": 3, "save_every": 1,
+               "eval": False}]
+    results = {}
+    for mode in ("straight", "crashed"):
+        run = tmp_path / mode
+        plan = write_plan(tmp_path / f"{mode}.yaml",
+                          mini_plan(mini_world, run, stages, eval={"k": 2, "include_base": False}))
+        if mode == "crashed":
+            proc = subprocess.Popen([sys.executable, "-m", "megatron_s2d.launch.cli", "run", str(plan)], cwd=ROOT,
+                                    start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            latest = run / "stages" / "teacher_rl" / "checkpoints" / "latest"
+            deadline = time.time() + 600
+            while time.time() < deadline and not latest.is_file():
+                time.sleep(0.2)
+            assert latest.is_file(), "no checkpoint appeared"
+            os.killpg(proc.pid, signal.SIGKILL)  # a crash: no chance to save anything more
+            proc.wait()
+            assert not (run / "stages" / "teacher_rl" / "COMPLETE").exists()
+        s2d("run", plan)
+        final = Path(json.loads((run / "stages" / "teacher_rl" / "lineage.json").read_text())["final_checkpoint"])
+        assert final.name == "step_000003"
+        results[mode] = _final_weights(final, tmp_path / f"{mode}_hf")
+    assert results["straight"].keys() == results["crashed"].keys()
+    for k, v in results["straight"].items():
+        assert torch.equal(v, results["crashed"][k]), k
+
+
+def _mismatched_student(world: Path, dest: Path) -> Path:
+    shutil.copytree(world / "student", dest)
+    tok = json.loads((dest / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (dest / "tokenizer.json").write_text(json.dumps(tok))
+    return dest
+
+
+def test_bad_plans_fail_before_anything_runs(mini_world, tmp_path):
+    bad_student = _mismatched_student(mini_world, tmp_path / "bad_student")
+    cases = [
+        ("tokenizer", {"models": {"teacher": {"hf": str(mini_world / "teacher")}, "student": {"hf": str(bad_student)}}},
+         [], "tokenizer mismatch"),
+        ("layout", {"launch": {"procs_per_node": 3}}, ["models.teacher.tp=3", "models.student.tp=3"],
+         "is not divisible by tensor_parallel = 3"),
+        ("unknown_stage", {}, ["--stages", "nope"], "nope"),
+        ("cycle", {"stages": [{"name": "a", "kind": "student_rl", "init": "b", "split": "1H"},
+                              {"name": "b", "kind": "student_rl", "init": "a", "split": "2H"}]}, [], "cycle"),
+        ("label_reuse", {"stages": [{"name": "t", "kind": "teacher_rl", "split": "1H"},
+                                    {"name": "o", "kind": "opd", "teacher": "t", "split": "1H"},
+                                    {"name": "s", "kind": "student_rl", "init": "o", "split": "1H"}]}, [],
+         "reuse the labels"),
+    ]
+    for name, change, extra, message in cases:
+        run = tmp_path / f"run_{name}"
+        plan = mini_plan(mini_world, run)
+        plan.update(change)
+        path = write_plan(tmp_path / f"{name}.yaml", plan)
+        proc = s2d("run", path, *extra, check=False, timeout=300)
+        assert proc.returncode == 2, (name, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert message in proc.stderr, (name, proc.stderr[-2000:])
+        assert not (run / "stages").exists(), name
