@@ -63,18 +63,6 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def use_fork_results_queue() -> None:
-    """megatron's async filesystem writer creates its results queue with a *spawn* Manager, which re-imports
-    ``__main__`` in a fresh interpreter (seconds per process, and it breaks scripts without a main guard). A fork
-    Manager serves the same queue without re-importing anything."""
-    import multiprocessing as mp
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
-
-
 def latest_checkpoint(root: Path) -> Path | None:
     """The last complete checkpoint under ``root`` (None if there is none)."""
     ptr = Path(root) / "latest"
@@ -100,11 +88,12 @@ def save_train_checkpoint(policy, root: Path, step: int, trainer_state: dict, wr
         for sub in ("model", "optim", "rng"):
             (tmp / sub).mkdir(parents=True)
     _barrier()
-    use_fork_results_queue()
+    from megatron_s2d.runtime.model_ckpt import sync_save_strategy
+
     model_sd = policy.module.sharded_state_dict()
     optim_sd = {"optimizer": policy.optimizer.sharded_state_dict(model_sd)}
-    dist_checkpointing.save(model_sd, str(tmp / "model"))
-    dist_checkpointing.save(optim_sd, str(tmp / "optim"))
+    dist_checkpointing.save(model_sd, str(tmp / "model"), sharded_strategy=sync_save_strategy())
+    dist_checkpointing.save(optim_sd, str(tmp / "optim"), sharded_strategy=sync_save_strategy())
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:

@@ -7,6 +7,7 @@ model), resuming, the per-step prompt stream, rewards, logging, the ledger, line
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -83,6 +84,9 @@ class StageContext:
         instruction = plan.data.instruction or DEFAULT_INSTRUCTION
         self.prompt_ids = [self.encode_prompt(p, instruction) for p in self.problems]
         self.started = time.perf_counter()
+        # processes the stage spawns (vLLM engine cores) are started inside this, so that the SIGUSR1 meant for
+        # the stage (SLURM time limit) does not kill them; set by the entry point to the preemption handler's
+        self.shield_children = contextlib.nullcontext
 
     @staticmethod
     def from_args(plan_path: str, stage_name: str) -> "StageContext":
@@ -148,7 +152,8 @@ class StageContext:
         if self.stage.rollout.engine == "vllm":
             from megatron_s2d.rollout.factory import make_vllm_engine
 
-            return make_vllm_engine(self, policy)
+            with self.shield_children():
+                return make_vllm_engine(self, policy)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return MegatronSampler(policy.module, policy.arch, eos_token_ids=list(self.stop_ids), pad_token_id=pad)
 

@@ -106,13 +106,17 @@ def run_stage(plan_path: str, name: str) -> int:
     from megatron_s2d.stages.context import StageContext
 
     loops = {"teacher_rl": grpo.run, "student_rl": grpo.run, "fkl_warmup": fkl_warmup.run, "opd": opd.run}
+    from megatron_s2d.config import load_plan
+    from megatron_s2d.pipeline.layout import RunLayout
+
+    if RunLayout.of(load_plan(plan_path).run_dir).is_complete(name):  # e.g. re-submitted on SLURM: nothing to do
+        print(f"[{name}] already complete; skipping", flush=True)
+        return 0
     handler = PreemptionHandler().install()
     with handler.shield_children():  # reward workers must not die of the SIGUSR1 meant for us
         get_pool().warm_up(2)
     ctx = StageContext.from_args(plan_path, name)
-    if ctx.layout.is_complete(name):
-        ctx.log("already complete; skipping")
-        return 0
+    ctx.shield_children = handler.shield_children
     if loops[ctx.stage.kind](ctx, handler):
         return handler.finish(rank=ctx.dist.rank, distributed=True)
     handler.uninstall()

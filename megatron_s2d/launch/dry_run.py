@@ -1,0 +1,211 @@
+"""Dry run: validate every job's parallel layout and memory without a cluster, and print the per-job table.
+
+For each job (all stages share the plan's allocation: ``launch.nodes`` x ``launch.procs_per_node`` GPUs):
+  * world = nodes x GPUs per node; for every model the job runs (the trained policy; the teacher of
+    ``fkl_warmup`` / ``opd``; both models for ``base_eval``) ``tp * pp`` divides the world (DP >= 1, integer) and
+    :func:`megatron_s2d.models.arch.check_layout` accepts the layout (heads, query groups, vocab, ffn by TP; layers
+    by PP);
+  * the sequences of one update (``prompts_per_step * samples_per_prompt / updates_per_step``) split evenly over
+    the policy's DP ranks;
+  * the per-GPU memory estimate of :mod:`megatron_s2d.launch.memory` fits ``launch.gpu_memory_gib``.
+All problems are collected and raised together (one :class:`S2DError` naming stage, field and numbers).
+
+Model sizes come from the model's HF ``config.json``: ``models.<role>.hf`` when that folder has one; otherwise
+``run_configs/hf_configs/<basename(hf)>/config.json`` (shipped copies of the real Qwen3 / Llama configs, so recipes
+dry-run on a laptop without the weights); for ``models.<role>.megatron`` the ``s2d_model.json`` of that checkpoint;
+for toy plans the toy world's shapes (the built ``<run_dir>/toy_world/<role>/config.json`` when present).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_s2d.config.schema import PlanConfig
+from megatron_s2d.config.validate import policy_model
+from megatron_s2d.errors import S2DError
+from megatron_s2d.launch.jobs import Job
+from megatron_s2d.launch.memory import (
+    GIB, OVERHEAD_GIB, MemoryEstimate, dtype_bytes, engine_bytes, estimate_stage_memory, params_on_heaviest_stage,
+)
+from megatron_s2d.models.arch import ArchSpec, arch_from_hf_config, check_layout, load_arch
+from megatron_s2d.pipeline.layout import BASE_EVAL, RunLayout
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HF_CONFIGS_DIR = REPO_ROOT / "run_configs" / "hf_configs"
+MEGATRON_META = "s2d_model.json"  # written by megatron_s2d.runtime.model_ckpt (read here without importing torch)
+
+
+# The toy tokenizer's vocabulary cap (a multiple of 16); used only before the toy world is built.
+TOY_VOCAB = 384
+
+
+def _toy_arch(role: str) -> ArchSpec:
+    from megatron_s2d.toy.models import STUDENT_SPEC, TEACHER_SPEC
+
+    spec = TEACHER_SPEC if role == "teacher" else STUDENT_SPEC
+    cfg = {"model_type": "qwen3", "vocab_size": TOY_VOCAB, "hidden_size": spec.hidden_size,
+           "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
+           "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+           "tie_word_embeddings": spec.tie_word_embeddings}
+    return arch_from_hf_config(cfg, where=f"toy {role}")
+
+
+def resolve_arch(plan: PlanConfig, role: str) -> tuple[ArchSpec, str]:
+    """(architecture, where it was read from) of ``models.<role>``; see the module docstring for the search order."""
+    m = plan.models[role]
+    if m.hf:
+        hf = Path(m.hf).expanduser()
+        if (hf / "config.json").is_file():
+            return load_arch(hf), str(hf / "config.json")
+        shipped = HF_CONFIGS_DIR / hf.name
+        if (shipped / "config.json").is_file():
+            return load_arch(shipped), str(shipped / "config.json")
+        raise S2DError(f"models.{role}.hf = {m.hf!r}: no config.json there, and no shipped copy at "
+                       f"{shipped / 'config.json'}")
+    if m.megatron:
+        meta = Path(m.megatron).expanduser() / MEGATRON_META
+        if not meta.is_file():
+            raise S2DError(f"models.{role}.megatron = {m.megatron!r}: {meta} not found (not a megatron-s2d model "
+                           f"checkpoint)")
+        return ArchSpec.from_json(json.loads(meta.read_text())["arch"]), str(meta)
+    built = RunLayout.of(plan.run_dir).toy_world / role / "config.json"
+    if built.is_file():
+        return load_arch(built.parent), str(built)
+    return _toy_arch(role), "toy world (megatron_s2d.toy.models)"
+
+
+@dataclass(frozen=True)
+class JobCheck:
+    """The validated layout and memory of one job (``report`` jobs are not checked: no GPU)."""
+
+    job: Job
+    nodes: int
+    gpus_per_node: int
+    layouts: dict[str, tuple[int, int, int]]  # role -> (tp, pp, dp) of each model the job runs
+    params: dict[str, int]  # role -> parameter count
+    memory: MemoryEstimate
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def _eval_memory(plan: PlanConfig, archs: dict[str, ArchSpec]) -> MemoryEstimate:
+    """base_eval: each base model's weights plus its engine reserve, one model at a time (the max of the two)."""
+    best = None
+    for role, arch in archs.items():
+        m = plan.models[role]
+        w = params_on_heaviest_stage(arch, m.tp, m.pp) * dtype_bytes(m.dtype)
+        r = engine_bytes(arch, m, plan.eval.engine, plan.eval.max_new_tokens)
+        est = MemoryEstimate(BASE_EVAL, w / GIB, 0.0, 0.0, 0.0, 0.0, r / GIB, OVERHEAD_GIB,
+                             plan.launch.gpu_memory_gib)
+        best = est if best is None or est.total_gib > best.total_gib else best
+    return best
+
+
+
+def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: list[str]) -> JobCheck | None:
+    """Validate one job, appending problems to ``errors``; returns its check (None for the report job)."""
+    if job.kind == "report":
+        return None
+    nodes, gpn = plan.launch.nodes, plan.launch.procs_per_node
+    world = nodes * gpn
+    stage = None if job.kind == "base_eval" else next(s for s in plan.stages if s.name == job.name)
+    if stage is None:
+        roles = ["teacher", "student"]
+    else:
+        roles = [policy_model(stage)] + (["teacher"] if stage.kind in ("fkl_warmup", "opd") else [])
+    layouts, params, n_errors = {}, {}, len(errors)
+    for role in roles:
+        m, arch = plan.models[role], archs[role]
+        where = f"{job.name}: models.{role} (tp={m.tp}, pp={m.pp})"
+        if world % (m.tp * m.pp):
+            errors.append(f"{where}: tp x pp = {m.tp * m.pp} does not divide the world size {world} "
+                          f"(launch.nodes {nodes} x launch.procs_per_node {gpn})")
+            continue
+        try:
+            check_layout(arch, m.tp, m.pp, where=where)
+        except S2DError as e:
+            errors.append(str(e))
+            continue
+        layouts[role] = (m.tp, m.pp, world // (m.tp * m.pp))
+        params[role] = arch.num_params
+    if len(errors) > n_errors:
+        return None
+    if stage is None:
+        memory = _eval_memory(plan, archs)
+    else:
+        role = policy_model(stage)
+        dp = layouts[role][2]
+        per_update = stage.prompts_per_step * stage.samples_per_prompt // stage.updates_per_step
+        if per_update % dp:
+            errors.append(f"{job.name}: prompts_per_step x samples_per_prompt / updates_per_step = {per_update} "
+                          f"sequences per update do not split evenly over the {dp} data-parallel ranks of "
+                          f"models.{role}")
+        memory = estimate_stage_memory(plan, stage, archs, dp)
+    if not memory.fits:
+        errors.append(f"{job.name}: over the per-GPU memory budget: {memory.describe()}; lower "
+                      f"micro_batch_tokens, raise tp/pp, enable models.<role>.recompute, or add nodes")
+    return JobCheck(job, nodes, gpn, layouts, params, memory)
+
+
+def check_jobs(plan: PlanConfig, jobs: list[Job]) -> list[JobCheck]:
+    """Validate all jobs; raise one S2DError listing every problem."""
+    errors: list[str] = []
+    archs: dict[str, ArchSpec] = {}
+    for role in ("teacher", "student"):
+        try:
+            archs[role] = resolve_arch(plan, role)[0]
+        except S2DError as e:
+            errors.append(str(e))
+    if errors:
+        raise S2DError("dry run: cannot read the model configs:\n  - " + "\n  - ".join(errors))
+    checks = [c for c in (check_job(plan, j, archs, errors) for j in jobs) if c is not None]
+    if errors:
+        raise S2DError(f"dry run of plan {plan.name!r} found {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    return checks
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def format_table(checks: list[JobCheck], scripts: dict[str, str]) -> str:
+    """One row per job: nodes, GPUs, TP/PP/DP per model, parameters, memory terms (GiB), script path."""
+    head = ("job", "nodes", "gpus", "tp/pp/dp", "params", "weights", "grads+optim", "act", "teacher", "rollout",
+            "total", "budget", "script")
+    rows = [head]
+    for c in checks:
+        lay = " ".join(f"{r[0]}:{t}/{p}/{d}" for r, (t, p, d) in c.layouts.items())
+        par = " ".join(f"{r[0]}:{_count(n)}" for r, n in c.params.items())
+        m = c.memory
+        name = c.job.name + (" (complete)" if c.job.complete else "")
+        rows.append((name, str(c.nodes), str(c.world), lay, par, f"{m.weights_gib:.1f}",
+                     f"{m.grads_gib + m.optim_gib:.1f}", f"{m.activations_gib:.1f}", f"{m.teacher_gib:.1f}",
+                     f"{m.rollout_gib:.1f}", f"{m.total_gib:.1f}", f"{m.budget_gib:.0f}", scripts.get(c.job.name, "")))
+    for name, path in scripts.items():
+        if name not in {c.job.name for c in checks}:
+            rows.append((name, "1", "0", "-", "-", "-", "-", "-", "-", "-", "-", "-", path))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n(memory in GiB per GPU; tp/pp/dp per model: t = teacher, s = student)"
+
+
+def dry_run(plan: PlanConfig, source: str | None = None, stages: list[str] | None = None,
+            executor: str | None = None, out=None) -> int:
+    """``s2d run --dry-run``: validate every job, render its script under ``<run_dir>/dry_run/`` (SLURM: NeMo-Run's
+    sbatch; local: the command line) with ``--plan <run_dir>/plan.resolved.yaml`` as a real run would, and print
+    the table. Returns 0; any problem raises one :class:`S2DError` listing them all. ``source``: the plan file the
+    user gave (only named in the output)."""
+    import sys
+
+    from megatron_s2d.launch.experiment import launch_plan
+
+    out = out or sys.stdout
+    if source:
+        print(f"[s2d] dry run of {source} (plan {plan.name!r})", file=out, flush=True)
+    launch_plan(plan, str(RunLayout.of(plan.run_dir).plan), stages, executor, dry_run=True, out=out)
+    return 0

@@ -1,0 +1,203 @@
+"""Build and run a plan's jobs with NeMo-Run: locally (torchrun, one job after another) or on SLURM (dependent jobs).
+
+Entry points for the CLI::
+
+    run_plan(plan, plan_path_resolved, stages=None, executor=None, dry_run=False) -> 0   # raises S2DError on failure
+    launch_plan(...) -> PlannedRun                   # the same, returning what was launched (tests, scripting)
+    build_experiment(plan, plan_path_resolved, stages, executor, dry_run)   # just the NeMo-Run objects
+
+**SLURM** (``executor="slurm"``): one ``run.Experiment`` holding one task per job with ``dependencies`` on its
+parents, so NeMo-Run submits them at once as ``afterok``-chained sbatch jobs and returns (``detach``).
+
+**Local** (``executor="local"``): one ``run.Experiment`` per job, run one after another with ``run.LocalExecutor``
+(torchrun via :mod:`megatron_s2d.launch.agent`, ``launch.procs_per_node`` processes), output tailed to the terminal.
+Why not one experiment with dependencies: NeMo-Run's local DAG runner launches every job of a topological
+generation at once (``teacher_rl`` and ``cold_grpo`` would share the 2 CPU cores) and keeps launching dependents
+after a parent failed (it only logs the failure). Running one experiment per job lets the launcher stop at the first
+failing job with a non-zero exit naming the job and its log file, and check each stage's ``COMPLETE`` marker.
+Measured on 2 CPU cores: ``import nemo_run`` 3-10 s once per launch (cold cache: ~10 s); ~2 s per job of NeMo-Run's
+own (a trivial job: 2.1 s through NeMo-Run vs 0.05 s bare; it polls job state every 2 s). The larger per-job cost is
+torchrun + torch imports in the agent and workers (~8-10 s per job at 2 processes), with or without NeMo-Run.
+
+The dry run validates layouts and memory (:mod:`megatron_s2d.launch.dry_run`), renders every job's script to
+``<run_dir>/dry_run/<job>.sbatch`` (SLURM: NeMo-Run's sbatch template) or ``<job>.sh`` (local: the command line),
+and prints one row per job.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TextIO
+
+from megatron_s2d.config.schema import PlanConfig
+from megatron_s2d.errors import S2DError
+from megatron_s2d.launch import slurm as slurm_mod
+from megatron_s2d.launch.dry_run import JobCheck, check_jobs, format_table
+from megatron_s2d.launch.jobs import Job, job_command, plan_jobs
+from megatron_s2d.pipeline.layout import RunLayout
+from megatron_s2d.runtime.preemption import EXIT_PREEMPTED
+
+LOCAL_ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class PlannedRun:
+    """What a launch consists of. ``experiments``: SLURM one experiment with every job; local one per job."""
+
+    executor: Literal["local", "slurm"]
+    jobs: list[Job]
+    checks: list[JobCheck]
+    experiments: list = field(default_factory=list)
+    scripts: dict[str, str] = field(default_factory=dict)  # dry run: job -> rendered script path
+
+
+def _local_script(plan: PlanConfig, job: Job, plan_path: str):
+    run = slurm_mod.load_nemo_run()
+    module, args = job_command(job, plan_path, str(RunLayout.of(plan.run_dir).root), 1, plan.launch.procs_per_node)
+    return run.Script(path=module, m=True, entrypoint=sys.executable, args=args)
+
+
+def _local_experiment(plan: PlanConfig, job: Job, plan_path: str):
+    run = slurm_mod.load_nemo_run()
+    exp = run.Experiment(f"{plan.name}-{job.name}", base_dir=str(RunLayout.of(plan.run_dir).root / "nemo_run"),
+                         enable_goodbye_message=False, skip_status_at_exit=True)
+    with exp:
+        exp.add(_local_script(plan, job, plan_path), executor=run.LocalExecutor(ntasks_per_node=1, env_vars=LOCAL_ENV),
+                name=job.name, tail_logs=True)
+    return exp
+
+
+def _write_local_scripts(plan: PlanConfig, jobs: list[Job], plan_path: str, out_dir: Path) -> dict[str, str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for job in jobs:
+        module, args = job_command(job, plan_path, str(RunLayout.of(plan.run_dir).root), 1, plan.launch.procs_per_node)
+        env = " ".join(f"{k}={v}" for k, v in LOCAL_ENV.items())
+        text = (f"#!/bin/bash\n# megatron-s2d dry run of job {job.name!r} (local executor: NeMo-Run LocalExecutor)\n"
+                f"# waits for: {', '.join(job.deps) or 'nothing'}\n"
+                f"{env} {shlex.join([sys.executable, '-m', module, *args])}\n")
+        path = out_dir / f"{job.name}.sh"
+        path.write_text(text)
+        paths[job.name] = str(path)
+    return paths
+
+
+def build_experiment(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
+                     executor: Literal["local", "slurm"] = "local", dry_run: bool = False,
+                     report: bool | None = None) -> PlannedRun:
+    """Select the jobs, validate layouts/memory, and build the NeMo-Run experiment(s) (not launched).
+
+    ``dry_run``: also keep complete stages, do not require unselected parents to be complete, and render every
+    job's script under ``<run_dir>/dry_run/``. ``report``: add the report job (None: on SLURM only). Raises
+    :class:`S2DError` on any validation problem.
+    """
+    if executor not in ("local", "slurm"):
+        raise S2DError(f"executor {executor!r}: expected 'local' or 'slurm'")
+    report = executor == "slurm" if report is None else report
+    remote = executor == "slurm" and plan.launch.slurm.tunnel == "ssh"  # a path on the cluster: keep it as given
+    plan_path = plan_path_resolved if remote else str(Path(plan_path_resolved).resolve())
+    if remote and not Path(plan_path_resolved).is_absolute():
+        raise S2DError(f"plan path {plan_path_resolved!r} must be absolute (a path on the cluster) for an ssh tunnel")
+    jobs = plan_jobs(plan, stages, include_complete=dry_run, report=report, check_parents=not dry_run)
+    checks = check_jobs(plan, jobs)
+    planned = PlannedRun(executor, jobs, checks)
+    out_dir = RunLayout.of(plan.run_dir).root / "dry_run"
+    if executor == "slurm":
+        slurm_mod.check_slurm_config(plan)
+        if dry_run:
+            planned.scripts = slurm_mod.render_sbatch(plan, jobs, plan_path, out_dir)
+            return planned
+        run = slurm_mod.load_nemo_run()
+        exp = run.Experiment(plan.name, base_dir=slurm_mod.experiment_base_dir(plan), enable_goodbye_message=False)
+        with exp:
+            slurm_mod.add_jobs(exp, plan, jobs, plan_path)
+        planned.experiments = [exp]
+        return planned
+    if plan.launch.nodes != 1:
+        raise S2DError(f"launch.nodes = {plan.launch.nodes}: the local executor runs on one node (use --executor "
+                       f"slurm, or launch.nodes=1)")
+    if dry_run:
+        planned.scripts = _write_local_scripts(plan, jobs, plan_path, out_dir)
+        return planned
+    planned.experiments = [_local_experiment(plan, job, plan_path) for job in jobs]
+    return planned
+
+
+def _log_file(nr_job) -> str:
+    logs = sorted(Path(nr_job.executor.job_dir).glob("**/combined.log"))
+    return str(logs[-1]) if logs else nr_job.executor.job_dir
+
+
+def _run_local(plan: PlanConfig, planned: PlannedRun, out: TextIO) -> None:
+    """Run the per-job experiments one after another; stop at the first failure with an error naming job and log."""
+    layout = RunLayout.of(plan.run_dir)
+    for job, exp in zip(planned.jobs, planned.experiments):
+        print(f"[s2d] ===== job {job.name} ({job.kind}) =====", file=out, flush=True)
+        try:
+            with exp:
+                exp.run(tail_logs=True)
+        except KeyboardInterrupt:
+            exp.cancel(job.name)  # SIGTERM to the job: stages save a checkpoint and stop (resume by re-running)
+            raise
+        nr_job = exp.jobs[0]
+        state = str(getattr(nr_job.state, "name", nr_job.state))
+        if state != "SUCCEEDED":
+            hint = (f" (exit code {EXIT_PREEMPTED} means it saved a checkpoint after a stop signal: re-run to "
+                    f"resume)" if job.kind != "report" else "")
+            raise S2DError(f"job {job.name!r} failed ({state}); log: {_log_file(nr_job)}{hint}")
+        if job.kind != "report" and not layout.is_complete(job.name):
+            raise S2DError(f"job {job.name!r} exited cleanly but {layout.complete_marker(job.name)} was not written "
+                           f"(stopped early?); log: {_log_file(nr_job)}; re-run to resume")
+        print(f"[s2d] job {job.name} done", file=out, flush=True)
+
+
+def launch_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
+                executor: Literal["local", "slurm"] | None = None, dry_run: bool = False, detach: bool = True,
+                report: bool | None = None, out: TextIO | None = None) -> PlannedRun:
+    """Launch ``stages`` (None: the whole plan) of ``plan``; the plan must already be written to
+    ``plan_path_resolved`` (a path every job can read: on SLURM, on the shared filesystem). Returns what was
+    launched (jobs, checks, NeMo-Run experiments, rendered scripts).
+
+    ``executor``: None uses ``plan.launch.executor``. ``dry_run``: validate, render scripts, print the table, launch
+    nothing. ``report``: add the final report job; None = on SLURM only (after a local run the CLI writes the
+    report in-process). Local runs block until every job finished and raise :class:`S2DError` at the first
+    failure; SLURM runs submit every job and return (``detach``) or wait for them.
+    """
+    out = out or sys.stdout
+    executor = executor or plan.launch.executor
+    report = executor == "slurm" if report is None else report
+    planned = build_experiment(plan, plan_path_resolved, stages, executor, dry_run, report)
+    if dry_run:
+        print(format_table(planned.checks, planned.scripts), file=out, flush=True)
+        print(f"[s2d] dry run OK: {len(planned.jobs)} job(s), scripts in {RunLayout.of(plan.run_dir).root / 'dry_run'}",
+              file=out, flush=True)
+        return planned
+    if not planned.jobs:
+        print("[s2d] nothing to run: every selected stage is complete", file=out, flush=True)
+        return planned
+    if executor == "local":
+        _run_local(plan, planned, out)
+        return planned
+    exp = planned.experiments[0]
+    if plan.launch.slurm.tunnel == "ssh":  # the jobs read the plan from the cluster's filesystem
+        tunnel = exp.jobs[0].executor.tunnel
+        tunnel.connect()
+        tunnel.run(f"mkdir -p {shlex.quote(str(Path(plan_path_resolved).parent))}")
+        tunnel.put(plan_path_resolved, plan_path_resolved)
+    with exp, slurm_mod.no_stdin():
+        exp.run(detach=detach)
+    print(f"[s2d] submitted {len(planned.jobs)} SLURM job(s): {', '.join(j.name for j in planned.jobs)}", file=out,
+          flush=True)
+    return planned
+
+
+def run_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
+             executor: Literal["local", "slurm"] | None = None, dry_run: bool = False,
+             report: bool | None = None) -> int:
+    """CLI form of :func:`launch_plan`: returns 0 when every job succeeded (local) or was submitted (SLURM);
+    failures raise :class:`S2DError` (the message names the job and its log file)."""
+    launch_plan(plan, plan_path_resolved, stages, executor, dry_run, report=report)
+    return 0

@@ -1,0 +1,95 @@
+"""Dry-run validation: layouts that do not divide the model or the world, DP splits, memory budget, config lookup,
+and job selection (skipping complete stages, refusing missing parents)."""
+
+import pytest
+
+from megatron_s2d.errors import S2DError
+from megatron_s2d.launch.dry_run import HF_CONFIGS_DIR, REPO_ROOT, check_jobs, resolve_arch
+from megatron_s2d.launch.jobs import plan_jobs
+from megatron_s2d.pipeline.layout import RunLayout
+from tests.unit.launch._plans import load, two_stage_plan, write_hf
+
+
+def _check(plan, stages=None):
+    return check_jobs(plan, plan_jobs(plan, stages, report=False, check_parents=False))
+
+
+def test_valid_plan_reports_layouts(tmp_path):
+    hf = write_hf(tmp_path / "m")
+    checks = _check(load(tmp_path, two_stage_plan(tmp_path, hf, hf)))
+    assert [c.job.name for c in checks] == ["teacher_rl", "opd"]
+    assert checks[1].layouts == {"student": (2, 1, 4), "teacher": (2, 1, 4)}
+    assert checks[1].world == 8 and checks[1].memory.fits
+
+
+def test_tp_not_dividing_heads_is_refused(tmp_path):
+    teacher = write_hf(tmp_path / "t", num_attention_heads=12, num_key_value_heads=4, head_dim=64)
+    student = write_hf(tmp_path / "s")
+    plan = load(tmp_path, two_stage_plan(tmp_path, teacher, student), ["models.teacher.tp=8"])
+    with pytest.raises(S2DError, match=r"teacher_rl: models.teacher .*num_attention_heads = 12 is not divisible by "
+                                       r"tensor_parallel = 8"):
+        _check(plan)
+
+
+def test_world_not_divisible_is_refused(tmp_path):
+    hf = write_hf(tmp_path / "m")
+    plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf))
+    plan.launch.procs_per_node = 6  # after load-time validation: the dry run checks every job again
+    plan.models["teacher"].tp = 4
+    with pytest.raises(S2DError, match=r"tp x pp = 4 does not divide the world size 6"):
+        _check(plan)
+
+
+def test_uneven_dp_split_is_refused(tmp_path):
+    hf = write_hf(tmp_path / "m")
+    plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf), ["stages.opd.prompts_per_step=3",
+                                                              "stages.opd.samples_per_prompt=2"])
+    with pytest.raises(S2DError, match=r"opd: .* = 6 sequences per update do not split evenly over the 4"):
+        _check(plan)
+
+
+def test_over_memory_names_stage_and_numbers(tmp_path):
+    hf = write_hf(tmp_path / "m")
+    plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf), ["launch.gpu_memory_gib=1"])
+    with pytest.raises(S2DError) as e:
+        _check(plan)
+    msg = str(e.value)
+    assert "2 problem(s)" in msg and "teacher_rl: over the per-GPU memory budget" in msg and "opd: over" in msg
+    assert "budget launch.gpu_memory_gib = 1.0" in msg and "GiB per GPU" in msg
+
+
+def test_real_70b_recipe_on_two_nodes_is_over_budget():
+    from megatron_s2d.config import load_plan
+
+    plan = load_plan(REPO_ROOT / "run_configs" / "llama3.3_70b_to_llama3.1_8b.yaml", ["launch.nodes=2"])
+    with pytest.raises(S2DError, match=r"teacher_rl: over the per-GPU memory budget: .*optimizer 49\.\d"):
+        _check(plan, ["teacher_rl"])
+
+
+def test_hf_config_lookup(tmp_path):
+    hf = write_hf(tmp_path / "m")
+    plan = load(tmp_path, two_stage_plan(tmp_path, "/nowhere/Qwen3-8B", hf))
+    arch, where = resolve_arch(plan, "teacher")
+    assert where == str(HF_CONFIGS_DIR / "Qwen3-8B" / "config.json") and arch.num_layers == 36
+    assert resolve_arch(plan, "student")[1] == str(tmp_path / "m" / "config.json")
+    plan.models["teacher"].hf = "/nowhere/NotAModel-7B"
+    with pytest.raises(S2DError, match=r"models.teacher.hf = '/nowhere/NotAModel-7B': no config.json .*NotAModel-7B"):
+        resolve_arch(plan, "teacher")
+
+
+def test_job_selection(tmp_path):
+    hf = write_hf(tmp_path / "m")
+    plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf), ["eval.include_base=true"])
+    jobs = plan_jobs(plan)
+    assert [(j.name, j.deps) for j in jobs] == [
+        ("base_eval", ()), ("teacher_rl", ()), ("opd", ("teacher_rl",)), ("report", ("base_eval", "teacher_rl", "opd"))]
+    with pytest.raises(S2DError, match=r"stage 'opd' reads stage 'teacher_rl', which is neither complete"):
+        plan_jobs(plan, ["opd"])
+    with pytest.raises(S2DError, match=r"--stages nope: no such stage"):
+        plan_jobs(plan, ["nope"])
+    marker = RunLayout.of(plan.run_dir).complete_marker("teacher_rl")
+    marker.parent.mkdir(parents=True)
+    marker.write_text("")
+    assert [(j.name, j.deps) for j in plan_jobs(plan, ["opd"], report=False)] == [("opd", ())]
+    assert [j.name for j in plan_jobs(plan)] == ["base_eval", "opd", "report"]  # complete stages are skipped
+    assert [j.complete for j in plan_jobs(plan, include_complete=True, report=False)] == [False, True, False]

@@ -1,0 +1,59 @@
+"""sbatch rendering through NeMo-Run's own template: resources, container, env, signal/requeue, dependencies, the
+torchrun rendezvous on the first node, and the command each job runs."""
+
+import re
+
+import pytest
+
+from megatron_s2d.launch.experiment import build_experiment
+from tests.unit.launch._plans import load, two_stage_plan, write_hf
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sbatch")
+    hf = write_hf(tmp / "m")
+    plan = load(tmp, two_stage_plan(tmp, hf, hf), [
+        "launch.nodes=2", "launch.slurm.time=02:30:00", "launch.slurm.mem='500G'",
+        "launch.slurm.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
+        "launch.slurm.container_mounts=[/lustre:/lustre, /scratch:/scratch]",
+        "launch.slurm.env={NCCL_DEBUG: WARN, PYTHONPATH: /lustre/code}", "launch.slurm.signal_seconds_before_end=420"])
+    planned = build_experiment(plan, str(tmp / "run" / "plan.resolved.yaml"), executor="slurm", dry_run=True)
+    return plan, planned, {name: open(path).read() for name, path in planned.scripts.items()}
+
+
+def test_one_script_per_job(rendered):
+    plan, planned, scripts = rendered
+    assert sorted(scripts) == ["opd", "report", "teacher_rl"]
+    assert all(p.endswith(f"dry_run/{n}.sbatch") for n, p in planned.scripts.items())
+
+
+def test_stage_resources_and_environment(rendered):
+    _, _, scripts = rendered
+    s = scripts["opd"]
+    for flag in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=1", "--partition=gpu", "--account=acct",
+                 "--time=02:30:00", "--mem=500G", "--exclusive", "--signal=USR1@420", "--requeue",
+                 "--kill-on-invalid-dep=yes", "--job-name=t-opd"):
+        assert f"#SBATCH {flag}\n" in s, flag
+    assert "#SBATCH --dependency='afterok:<teacher_rl>'" in s
+    assert "export NCCL_DEBUG=WARN\n" in s and "export PYTHONPATH=/lustre/code\n" in s
+    assert "--container-image nvcr.io/nvidia/pytorch:25.01-py3" in s
+    assert re.search(r"--container-mounts /lustre:/lustre,/scratch:/scratch,\S+:/nemo_run", s)
+
+
+def test_stage_command_is_torchrun_agent_with_rendezvous_on_first_node(rendered):
+    plan, _, scripts = rendered
+    cmd = re.search(r"python -m (.*)", scripts["opd"]).group(1)
+    assert cmd == ("megatron_s2d.launch.agent --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint "
+                   "$head_node_ip:29500 --max-restarts 0 -m megatron_s2d.stages.entry --plan "
+                   f"{plan.run_dir}/plan.resolved.yaml --stage opd")
+    assert "head_node_ip=$(srun --nodes=1" in scripts["opd"]  # NeMo-Run's template resolves it
+
+
+def test_first_stage_and_report(rendered):
+    plan, _, scripts = rendered
+    assert "--dependency" not in scripts["teacher_rl"].split("set -evx")[1]
+    r = scripts["report"]
+    assert "#SBATCH --dependency='afterok:<teacher_rl>:<opd>'" in r
+    assert "#SBATCH --nodes=1\n" in r and "--gpus-per-node" not in r and "--signal" not in r
+    assert f"python -m megatron_s2d.pipeline.report_entry --run-dir {plan.run_dir}" in r
