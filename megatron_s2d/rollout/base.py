@@ -17,6 +17,8 @@ from typing import Iterable, Literal, Protocol
 
 import torch
 
+from megatron_s2d.errors import S2DError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -44,6 +46,39 @@ class Sample:
 class GenerationResult:
     samples: list[list[Sample]]  # [prompt][n]
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. tokens/s, engine time
+
+
+def validate_request(prompts: list[list[int]], params: SamplingParams, vocab_size: int, max_len: int,
+                     max_len_name: str = "max_position_embeddings") -> None:
+    """The checks every engine applies before generating; errors name the offending field or prompt."""
+    v = vocab_size
+    if not isinstance(params, SamplingParams):
+        raise S2DError(f"params: expected SamplingParams, got {type(params).__name__}")
+    if params.n < 1:
+        raise S2DError(f"params.n: expected >= 1, got {params.n}")
+    if not (params.temperature >= 0 and params.temperature < float("inf")):
+        raise S2DError(f"params.temperature: expected a finite number >= 0 (0 = greedy), got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise S2DError(f"params.top_p: expected a number in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise S2DError(f"params.top_k: expected >= 0 (0 = off), got {params.top_k}")
+    if params.max_new_tokens < 1:
+        raise S2DError(f"params.max_new_tokens: expected >= 1, got {params.max_new_tokens}")
+    if not 0 <= params.logprob_topk <= v:
+        raise S2DError(f"params.logprob_topk: expected an int in [0, {v}], got {params.logprob_topk}")
+    for t in params.stop_token_ids:
+        if not 0 <= t < v:
+            raise S2DError(f"params.stop_token_ids: id {t} is outside the vocabulary [0, {v})")
+    if not prompts:
+        raise S2DError("prompts: empty list (nothing to generate)")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise S2DError(f"prompts[{i}]: empty prompt (needs at least one token, e.g. BOS)")
+        if min(p) < 0 or max(p) >= v:
+            raise S2DError(f"prompts[{i}]: token id outside the vocabulary [0, {v})")
+        if len(p) + params.max_new_tokens > max_len:
+            raise S2DError(f"prompts[{i}]: {len(p)} tokens + params.max_new_tokens {params.max_new_tokens} exceeds "
+                           f"the model's {max_len_name} {max_len}; shorten/filter the prompt or lower max_new_tokens")
 
 
 class RolloutEngine(Protocol):

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec
 from megatron_s2d.policy.logprobs import token_logprobs, topk_logprobs
-from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams
+from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams, validate_request
 from megatron_s2d.rollout.token_sampling import prompt_key, row_keys, sample_tokens, uniforms
 
 __all__ = ["MegatronSampler", "plan_chunks"]
@@ -216,37 +216,7 @@ class MegatronSampler:
     # ------------------------------------------------------------------------------------------- checks
 
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        v = self.arch.vocab_size
-        if not isinstance(params, SamplingParams):
-            raise S2DError(f"params: expected SamplingParams, got {type(params).__name__}")
-        if params.n < 1:
-            raise S2DError(f"params.n: expected >= 1, got {params.n}")
-        if not (params.temperature >= 0 and params.temperature < float("inf")):
-            raise S2DError(f"params.temperature: expected a finite number >= 0 (0 = greedy), got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise S2DError(f"params.top_p: expected a number in (0, 1], got {params.top_p}")
-        if params.top_k < 0:
-            raise S2DError(f"params.top_k: expected >= 0 (0 = off), got {params.top_k}")
-        if params.max_new_tokens < 1:
-            raise S2DError(f"params.max_new_tokens: expected >= 1, got {params.max_new_tokens}")
-        if not 0 <= params.logprob_topk <= v:
-            raise S2DError(f"params.logprob_topk: expected an int in [0, {v}], got {params.logprob_topk}")
-        for t in params.stop_token_ids:
-            if not 0 <= t < v:
-                raise S2DError(f"params.stop_token_ids: id {t} is outside the vocabulary [0, {v})")
-        if not prompts:
-            raise S2DError("prompts: empty list (nothing to generate)")
-        max_pos = self.arch.max_position_embeddings
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise S2DError(f"prompts[{i}]: empty prompt (needs at least one token, e.g. BOS)")
-            if min(p) < 0 or max(p) >= v:
-                raise S2DError(f"prompts[{i}]: token id outside the vocabulary [0, {v})")
-            if len(p) + params.max_new_tokens > max_pos:
-                raise S2DError(
-                    f"prompts[{i}]: {len(p)} tokens + params.max_new_tokens {params.max_new_tokens} exceeds the model's "
-                    f"max_position_embeddings {max_pos}; shorten/filter the prompt or lower max_new_tokens"
-                )
+        validate_request(prompts, params, self.arch.vocab_size, self.arch.max_position_embeddings)
 
     def _check_same_across_tp(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """Every TP rank must run the same generation (each decode step is a collective): compare a checksum."""

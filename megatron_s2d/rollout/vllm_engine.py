@@ -66,7 +66,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from megatron_s2d.errors import S2DError
-from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams
+from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams, validate_request
 
 __all__ = ["S2DWorkerExtension", "VLLMEngine", "refit_chunks", "request_seed"]
 
@@ -401,34 +401,6 @@ class VLLMEngine:
                       topk_ids=topk_ids, topk_logprobs=topk_lps)
 
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        v = self.vocab_size
         if self.llm is None:
             raise S2DError("VLLMEngine: the engine is closed")
-        if not isinstance(params, SamplingParams):
-            raise S2DError(f"params: expected SamplingParams, got {type(params).__name__}")
-        if params.n < 1:
-            raise S2DError(f"params.n: expected >= 1, got {params.n}")
-        if not 0 <= params.temperature < float("inf"):
-            raise S2DError(f"params.temperature: expected a finite number >= 0 (0 = greedy), got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise S2DError(f"params.top_p: expected a number in (0, 1], got {params.top_p}")
-        if params.top_k < 0:
-            raise S2DError(f"params.top_k: expected >= 0 (0 = off), got {params.top_k}")
-        if params.max_new_tokens < 1:
-            raise S2DError(f"params.max_new_tokens: expected >= 1, got {params.max_new_tokens}")
-        if not 0 <= params.logprob_topk <= v:
-            raise S2DError(f"params.logprob_topk: expected an int in [0, {v}], got {params.logprob_topk}")
-        for t in params.stop_token_ids:
-            if not 0 <= t < v:
-                raise S2DError(f"params.stop_token_ids: id {t} is outside the vocabulary [0, {v})")
-        if not prompts:
-            raise S2DError("prompts: empty list (nothing to generate)")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise S2DError(f"prompts[{i}]: empty prompt (needs at least one token, e.g. BOS)")
-            if min(p) < 0 or max(p) >= v:
-                raise S2DError(f"prompts[{i}]: token id outside the vocabulary [0, {v})")
-            if len(p) + params.max_new_tokens > self.max_model_len:
-                raise S2DError(f"prompts[{i}]: {len(p)} tokens + params.max_new_tokens {params.max_new_tokens} exceeds "
-                               f"the engine's max_model_len {self.max_model_len}; shorten the prompt, lower "
-                               "max_new_tokens or raise max_model_len")
+        validate_request(prompts, params, self.vocab_size, self.max_model_len, "max_model_len")

@@ -66,7 +66,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     if not cuda:
         cpu_shim.enable()
     backend = "nccl" if cuda else "gloo"
-    if not torch.distributed.is_initialized():
+    created = not torch.distributed.is_initialized()
+    if created:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -81,7 +82,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
             f"pipeline_parallel ({pp}); launch {tp * pp * max(1, world // (tp * pp))} processes or change the layout"
         )
     if parallel_state.model_parallel_is_initialized():
-        if (parallel_state.get_tensor_model_parallel_world_size() == tp
+        # groups left over from an earlier world (destroyed without destroy_model_parallel) are not reusable
+        if (not created and parallel_state.get_tensor_model_parallel_world_size() == tp
                 and parallel_state.get_pipeline_model_parallel_world_size() == pp):
             return _info(backend)
         parallel_state.destroy_model_parallel()

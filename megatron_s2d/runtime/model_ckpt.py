@@ -106,7 +106,7 @@ def _unwrap(model):
 
 
 # ---------------------------------------------------------------- save / load
-def _sync_save_strategy():
+def sync_save_strategy():
     """megatron's ``torch_dist`` save strategy, run synchronously through torch DCP's plain ``FileSystemWriter``.
 
     Same on-disk format; the difference is that megatron's default writer starts a ``multiprocessing`` Manager
@@ -143,7 +143,7 @@ def save_model_checkpoint(model, out_dir: str | Path, arch: ArchSpec, dtype: str
         (tmp / WEIGHTS_DIR).mkdir(parents=True)
     dist.barrier()
     try:
-        dist_checkpointing.save(m.sharded_state_dict(), str(tmp / WEIGHTS_DIR), sharded_strategy=_sync_save_strategy())
+        dist_checkpointing.save(m.sharded_state_dict(), str(tmp / WEIGHTS_DIR), sharded_strategy=sync_save_strategy())
     except BaseException:
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
