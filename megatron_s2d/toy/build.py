@@ -1,0 +1,285 @@
+"""Build (or reuse) the toy world: tokenizer, pre-trained base teacher and student, shipped problem sets.
+
+    python -m megatron_s2d.toy.build --out runs/toy_world --seed 0 [--force] [--quick] [--arch llama]
+
+Layout of `out_dir`:
+    tokenizer/            the shared tokenizer (`save_pretrained`)
+    teacher/, student/    HF model folders: model.safetensors, config.json, generation_config.json, tokenizer files
+    data/train.jsonl      labeled pool (2,000), copied from the package
+    data/test.jsonl       held-out eval set (200)
+    pretrain.jsonl        the pre-training corpus (prompt / response), for audits of train/test disjointness
+    build_info.json       seed, config hash, measured base accuracies, timings; written last
+
+Caching: a build is keyed by `config_hash` (seed, architectures, model shapes, pre-training settings, tokenizer
+and data-file digests). If `out_dir/build_info.json` has the same hash, the build is reused; otherwise it is built
+into a temporary sibling folder and renamed into place at the end, so an interrupted build never looks complete.
+A non-empty `out_dir` that is not a toy world is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from megatron_s2d.errors import S2DError
+from megatron_s2d.toy import models, problems, tokenizer as toy_tok
+from megatron_s2d.toy.pretrain import PretrainConfig, corpus_texts, evaluate, pretrain, stratified_subset, \
+    tokenize_corpus
+
+BUILD_VERSION = 1
+INFO_FILE = "build_info.json"
+LEVEL_WEIGHTS = (1.0, 1.5, 1.0, 1.5, 2.0)  # pre-training mix: more of the harder levels
+
+
+@dataclass(frozen=True)
+class ToyBuildConfig:
+    """Everything a toy build depends on besides the seed. Batch size is sequences per step on one process."""
+
+    arch: str = "qwen3"
+    teacher: models.ToyModelSpec = models.TEACHER_SPEC
+    student: models.ToyModelSpec = models.STUDENT_SPEC
+    teacher_pretrain: PretrainConfig = PretrainConfig(steps=750, batch_sequences=64, lr=1e-3)
+    student_pretrain: PretrainConfig = PretrainConfig(steps=1800, batch_sequences=64, lr=1e-3)
+    corpus_items: int = 20_000  # pre-training examples (sampled with repeats, none in train/test)
+    level_weights: tuple[float, ...] = LEVEL_WEIGHTS
+    instruction_fraction: float = 0.5  # share of pre-training user turns that carry the pipeline's instruction
+    eval_per_level: int = 20  # build-time eval: this many test problems per level ...
+    eval_samples: int = 2  # ... times this many samples each, at temperature 1
+    threads: int = 2  # torch CPU threads; results are reproducible for a fixed thread count
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def scaled(self, steps_scale: float) -> "ToyBuildConfig":
+        """Same build with pre-training steps (and warmup) multiplied by `steps_scale` (>= 1 step each)."""
+
+        def scale(p: PretrainConfig) -> PretrainConfig:
+            steps = max(1, round(p.steps * steps_scale))
+            return replace(p, steps=steps, warmup_steps=min(p.warmup_steps, steps))
+
+        return replace(self, teacher_pretrain=scale(self.teacher_pretrain),
+                       student_pretrain=scale(self.student_pretrain))
+
+
+QUICK_CONFIG = replace(
+    ToyBuildConfig(), corpus_items=256, eval_per_level=1, eval_samples=1,
+    teacher_pretrain=PretrainConfig(steps=2, batch_sequences=8, warmup_steps=1),
+    student_pretrain=PretrainConfig(steps=2, batch_sequences=8, warmup_steps=1),
+)
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """Paths of a built toy world and its build_info.json contents."""
+
+    root: Path
+    teacher_dir: Path
+    student_dir: Path
+    tokenizer_dir: Path
+    train_path: Path
+    test_path: Path
+    info: dict = field(default_factory=dict)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def config_hash(seed: int, cfg: ToyBuildConfig) -> str:
+    """Digest of everything that determines the build's output (seed, config, code version, shipped data)."""
+    from megatron_s2d.data.prompts import DEFAULT_INSTRUCTION
+
+    payload = {
+        "version": BUILD_VERSION, "seed": seed, "config": cfg.to_dict(), "instruction": DEFAULT_INSTRUCTION,
+        "chat_template": toy_tok.CHAT_TEMPLATE, "max_vocab": toy_tok.MAX_VOCAB_SIZE,
+        "data": {s: _file_digest(problems.shipped_path(s)) for s in problems.SHIPPED_SIZES},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _world(root: Path, info: dict) -> ToyWorld:
+    return ToyWorld(root=root, teacher_dir=root / "teacher", student_dir=root / "student",
+                    tokenizer_dir=root / "tokenizer", train_path=root / "data" / "train.jsonl",
+                    test_path=root / "data" / "test.jsonl", info=info)
+
+
+def load_toy_world(out_dir: str | Path) -> ToyWorld:
+    """The complete toy world in `out_dir`; S2DError when there is none."""
+    root = Path(out_dir)
+    info_path = root / INFO_FILE
+    if not info_path.is_file():
+        raise S2DError(f"{root}: no toy world here (missing {INFO_FILE}); build one with "
+                       f"`python -m megatron_s2d.toy.build --out {root}`")
+    return _world(root, json.loads(info_path.read_text()))
+
+
+def _save_model(model, tok, path: Path) -> None:
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    _fix_tokenizer_class(path)
+
+
+def _fix_tokenizer_class(path: Path) -> None:
+    """Name the class `PreTrainedTokenizerFast` (what every transformers version and vLLM resolve) instead of the
+    transformers-5-only backend name."""
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _train_one(name: str, spec: models.ToyModelSpec, pcfg: PretrainConfig, rows, tok, cfg: ToyBuildConfig,
+               seed: int, eval_set, log) -> tuple[object, dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = models.make_config(spec, toy_tok.padded_vocab_size(len(tok)), arch=cfg.arch, name=name,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_cfg)
+    model.generation_config = models.make_generation_config(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[toy] pre-training {name} ({cfg.arch}, {n_params / 1e6:.2f} M params, {pcfg.steps} steps)")
+    stats = pretrain(model, rows, pcfg, seed, tok.pad_token_id, log=log)
+    t0 = time.time()
+    acc = evaluate(model, tok, eval_set, cfg.eval_samples, seed)
+    acc["eval_seconds"] = round(time.time() - t0, 2)
+    log(f"[toy] {name} base accuracy {acc['accuracy']:.3f} by level {acc['by_level']} ({acc['samples']} samples)")
+    return model, {"params": n_params, "pretrain": stats, "base_accuracy": acc}
+
+
+def _build_into(root: Path, seed: int, cfg: ToyBuildConfig, digest: str, log) -> dict:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _build_steps(root, seed, cfg, digest, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _build_steps(root: Path, seed: int, cfg: ToyBuildConfig, digest: str, log) -> dict:
+    import torch
+
+    start = time.time()
+    tok = toy_tok.save_tokenizer(root / "tokenizer")
+    _fix_tokenizer_class(root / "tokenizer")
+    (root / "data").mkdir()
+    for split in problems.SHIPPED_SIZES:
+        shutil.copyfile(problems.shipped_path(split), root / "data" / f"{split}.jsonl")
+    train, test = problems.load_shipped("train"), problems.load_shipped("test")
+    exclude = problems.keys_of(train) | problems.keys_of(test)
+    items = problems.pretrain_items(cfg.corpus_items, seed, exclude, cfg.level_weights)
+    info: dict = {"seed": seed, "config_hash": digest, "config": cfg.to_dict(), "tokenizer_size": len(tok),
+                  "vocab_size": toy_tok.padded_vocab_size(len(tok)), "models": {}}
+    eval_set = stratified_subset(test, cfg.eval_per_level)
+    # Teacher and student see the same pre-training text (as two sizes of one model family would); the student
+    # gets fewer FLOPs (smaller, though more steps) and ends up weaker.
+    pairs = corpus_texts(items, seed, cfg.instruction_fraction)
+    with open(root / "pretrain.jsonl", "w", encoding="utf-8") as f:
+        for prompt, response in pairs:
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    rows = tokenize_corpus(tok, pairs)
+    for name, spec, pcfg in (("teacher", cfg.teacher, cfg.teacher_pretrain),
+                             ("student", cfg.student, cfg.student_pretrain)):
+        model, info["models"][name] = _train_one(name, spec, pcfg, rows, tok, cfg, seed, eval_set, log)
+        _save_model(model, tok, root / name)
+    info["build_seconds"] = round(time.time() - start, 1)
+    info["torch_threads"] = torch.get_num_threads()
+    info["versions"] = {"torch": torch.__version__, "transformers": _version("transformers"),
+                        "tokenizers": _version("tokenizers")}
+    return info
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def build_toy_world(out_dir: str | Path, seed: int = 0, force: bool = False, *, quick: bool = False,
+                    steps_scale: float = 1.0, config: ToyBuildConfig | None = None, log=print) -> ToyWorld:
+    """Build the toy world into `out_dir` (or reuse a complete build with the same seed and config hash).
+
+    quick: a seconds-long build for tests (2 pre-training steps per model, 5-problem eval), same layout.
+    steps_scale: multiply the pre-training steps (e.g. 0.1 for a fast smoke run); ignored with `config`.
+    Concurrent callers on one `out_dir` are serialised by a lock file beside it; the later one reuses the build.
+    """
+    cfg = config or (QUICK_CONFIG if quick else ToyBuildConfig())
+    if config is None and steps_scale != 1.0:
+        cfg = cfg.scaled(steps_scale)
+    root = Path(out_dir)
+    digest = config_hash(seed, cfg)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info_path = root / INFO_FILE
+        if root.exists() and not force and info_path.is_file():
+            info = json.loads(info_path.read_text())
+            if info.get("config_hash") == digest:
+                log(f"[toy] reusing {root} (config hash {digest})")
+                return _world(root, info)
+        if root.exists() and any(root.iterdir()) and not info_path.is_file():
+            raise S2DError(f"{root}: exists, is not empty and holds no toy world ({INFO_FILE}); refusing to "
+                           "overwrite it, pick another --out")
+        info = _build_and_swap(root, seed, cfg, digest, log)
+    log(f"[toy] built {root} in {info['build_seconds']} s")
+    return _world(root, info)
+
+
+def _build_and_swap(root: Path, seed: int, cfg: ToyBuildConfig, digest: str, log) -> dict:
+    """Build into a temporary sibling folder, then replace `root` with it (rename: never half-written)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the world is read by other processes / users
+    try:
+        log(f"[toy] building into {tmp} (seed {seed}, config hash {digest})")
+        text = json.dumps(_build_into(tmp, seed, cfg, digest, log), indent=2, sort_keys=True) + "\n"
+        (tmp / INFO_FILE).write_text(text)
+        if root.exists():
+            old = root.parent / f".{root.name}.old-{os.getpid()}"
+            root.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return json.loads(text)  # what a later load sees (tuples become lists)
+
+
+def main(argv: list[str] | None = None) -> ToyWorld:
+    parser = argparse.ArgumentParser(prog="python -m megatron_s2d.toy.build", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    parser.add_argument("--quick", action="store_true", help="seconds-long build for tests")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply pre-training steps")
+    parser.add_argument("--arch", choices=models.ARCHS, default="qwen3")
+    parser.add_argument("--threads", type=int, default=ToyBuildConfig.threads,
+                        help="torch CPU threads (part of the config hash: float results depend on it)")
+    args = parser.parse_args(argv)
+    cfg = replace(QUICK_CONFIG if args.quick else ToyBuildConfig(), arch=args.arch, threads=args.threads)
+    if args.steps_scale != 1.0:
+        cfg = cfg.scaled(args.steps_scale)
+    world = build_toy_world(args.out, seed=args.seed, force=args.force, config=cfg)
+    for name in ("teacher", "student"):
+        acc = world.info["models"][name]["base_accuracy"]
+        print(f"{name}: base accuracy {acc['accuracy']:.3f} by level {acc['by_level']}")
+    print(f"build seconds: {world.info['build_seconds']}")
+    return world
+
+
+if __name__ == "__main__":
+    main()
