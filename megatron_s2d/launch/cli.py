@@ -116,7 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from megatron_s2d.errors import S2DError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # dotted overrides may come after options (`s2d run plan.yaml --stages a k=v`): collect them from the leftovers
+    args, extra = parser.parse_known_args(argv)
+    overrides = [x for x in extra if "=" in x and not x.startswith("-")]
+    unknown = [x for x in extra if x not in overrides]
+    if unknown or (overrides and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     try:
         rc = args.fn(args)
     except S2DError as e:

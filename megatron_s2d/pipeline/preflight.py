@@ -79,7 +79,7 @@ def prepare_run(plan: PlanConfig, log=print, build_toy: bool = True) -> tuple[Pl
     if plan.toy_world and build_toy:
         from megatron_s2d.toy.build import build_toy_world
 
-        world = build_toy_world(layout.toy_world, seed=plan.seed % 1000)
+        world = build_toy_world(layout.toy_world, seed=plan.toy_world_seed)
         models = dict(plan.models)
         models["teacher"] = dataclasses.replace(models["teacher"], hf=str(world.teacher_dir))
         models["student"] = dataclasses.replace(models["student"], hf=str(world.student_dir))
