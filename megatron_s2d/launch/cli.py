@@ -113,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    from megatron_s2d.errors import S2DError
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     # dotted overrides may come after options (`s2d run plan.yaml --stages a k=v`): collect them from the leftovers
     args, extra = parser.parse_known_args(argv)
@@ -125,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     if overrides:
         args.overrides = list(args.overrides) + overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_s2d.errors import S2DError
+
+    args = parse_args(argv)
     try:
         rc = args.fn(args)
     except S2DError as e:

@@ -93,7 +93,7 @@ def plot(data: dict, out_dir: Path) -> list[Path]:
             ax.set_title(key)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+            ax.legend(fontsize=6)
         fig.tight_layout()
         p = out_dir / "training_curves.png"
         fig.savefig(p, dpi=110)

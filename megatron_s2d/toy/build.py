@@ -235,6 +235,8 @@ def build_toy_world(out_dir: str | Path, seed: int = 0, force: bool = False, *, 
         if root.exists() and any(root.iterdir()) and not info_path.is_file():
             raise S2DError(f"{root}: exists, is not empty and holds no toy world ({INFO_FILE}); refusing to "
                            "overwrite it, pick another --out")
+        for stale in [*root.parent.glob(f".{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build (we hold the lock: nobody else's)
         info = _build_and_swap(root, seed, cfg, digest, log)
     log(f"[toy] built {root} in {info['build_seconds']} s")
     return _world(root, info)

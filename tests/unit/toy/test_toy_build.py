@@ -60,6 +60,7 @@ def test_rebuild_reuses_cache_and_force_rebuilds(world):
     again = B.build_toy_world(world.root, seed=0, quick=True, log=logs.append)
     assert any("reusing" in line for line in logs) and again.info == world.info
     mtime = (world.teacher_dir / "model.safetensors").stat().st_mtime_ns
+    (world.root.parent / f".{world.root.name}.tmp-killed").mkdir()  # what a killed build leaves behind
     other = B.build_toy_world(world.root, seed=1, quick=True, log=lambda s: None)  # new seed: rebuilt in place
     assert other.info["seed"] == 1 and other.info["config_hash"] != world.info["config_hash"]
     assert (world.teacher_dir / "model.safetensors").stat().st_mtime_ns != mtime
