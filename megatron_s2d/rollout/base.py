@@ -48,6 +48,19 @@ class GenerationResult:
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. tokens/s, engine time
 
 
+def generation_metrics(samples: list[list[Sample]], elapsed_s: float) -> dict[str, float]:
+    """The metrics every engine returns with a generation: tokens, throughput, length, truncation."""
+    flat = [s for group in samples for s in group]
+    generated = sum(len(s.response_ids) for s in flat)
+    return {
+        "generated_tokens": float(generated),
+        "tokens_per_s": generated / max(elapsed_s, 1e-9),
+        "mean_response_len": generated / max(len(flat), 1),
+        "truncation_rate": sum(s.finish_reason == "length" for s in flat) / max(len(flat), 1),
+        "time_s": elapsed_s,
+    }
+
+
 def validate_request(prompts: list[list[int]], params: SamplingParams, vocab_size: int, max_len: int,
                      max_len_name: str = "max_position_embeddings") -> None:
     """The checks every engine applies before generating; errors name the offending field or prompt."""

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec
 from megatron_s2d.policy.logprobs import token_logprobs, topk_logprobs
-from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams, validate_request
+from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams, generation_metrics, validate_request
 from megatron_s2d.rollout.token_sampling import prompt_key, row_keys, sample_tokens, uniforms
 
 __all__ = ["MegatronSampler", "plan_chunks"]
@@ -194,17 +194,8 @@ class MegatronSampler:
                         topk_ids=out.topk_ids[j] if out.topk_ids is not None else None,
                         topk_logprobs=out.topk_logprobs[j] if out.topk_logprobs is not None else None,
                     )
-        elapsed = time.perf_counter() - start
-        flat = [s for group in samples for s in group]
-        generated = sum(len(s.response_ids) for s in flat)
-        metrics = {
-            "generated_tokens": float(generated),
-            "tokens_per_s": generated / max(elapsed, 1e-9),
-            "mean_response_len": generated / max(len(flat), 1),
-            "truncation_rate": sum(s.finish_reason == "length" for s in flat) / max(len(flat), 1),
-            "time_s": elapsed,
-            "chunks": float(len(chunks)),
-        }
+        metrics = generation_metrics(samples, time.perf_counter() - start)
+        metrics["chunks"] = float(len(chunks))
         return GenerationResult(samples=samples, metrics=metrics)
 
     def update_weights(self, named_tensors) -> None:

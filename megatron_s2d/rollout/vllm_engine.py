@@ -66,7 +66,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from megatron_s2d.errors import S2DError
-from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams, validate_request
+from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams, generation_metrics, validate_request
 
 __all__ = ["S2DWorkerExtension", "VLLMEngine", "refit_chunks", "request_seed"]
 
@@ -322,16 +322,7 @@ class VLLMEngine:
         for i, out in zip(owners, outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
                 samples[i].append(self._sample(prompts[i], c, params.logprob_topk))
-        flat = [s for group in samples for s in group]
-        generated = sum(len(s.response_ids) for s in flat)
-        metrics = {
-            "generated_tokens": float(generated),
-            "tokens_per_s": generated / max(elapsed, 1e-9),
-            "mean_response_len": generated / max(len(flat), 1),
-            "truncation_rate": sum(s.finish_reason == "length" for s in flat) / max(len(flat), 1),
-            "time_s": elapsed,
-        }
-        return GenerationResult(samples=samples, metrics=metrics)
+        return GenerationResult(samples=samples, metrics=generation_metrics(samples, elapsed))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full, HF-named tensors into the running model (streamed in chunks), then reset the prefix cache.
