@@ -105,6 +105,8 @@ def test_config_hash_and_steps_scale():
     half = cfg.scaled(0.5)
     assert half.teacher_pretrain.steps == round(cfg.teacher_pretrain.steps * 0.5)
     assert B.config_hash(0, half) != B.config_hash(0, cfg)
+    assert B.FAST_CONFIG.teacher_pretrain.steps < cfg.teacher_pretrain.steps
+    assert B.config_hash(0, B.FAST_CONFIG) != B.config_hash(0, cfg)
 
 
 def test_cli_quick_llama(tmp_path, capsys):
