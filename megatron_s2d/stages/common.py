@@ -8,7 +8,7 @@ import torch
 
 from megatron_s2d.policy import objectives as O
 from megatron_s2d.rewards import score_batch_with_stats
-from megatron_s2d.rollout.base import SamplingParams
+from megatron_s2d.rollout.base import SamplingParams, generation_metrics
 from megatron_s2d.stages.batch import masked_mean, samples_to_batch, select_rows
 
 
@@ -54,9 +54,9 @@ def mismatch_metrics(batch: dict, trainer_lp: torch.Tensor) -> dict[str, float]:
 
 
 def rollout_metrics(samples) -> dict[str, float]:
-    n = max(len(samples), 1)
-    return {"response_len_mean": sum(len(s.response_ids) for s in samples) / n,
-            "truncation_rate": sum(s.finish_reason == "length" for s in samples) / n}
+    """Response length and truncation of a flat list of samples (the engines' own measure, under stage names)."""
+    m = generation_metrics([samples], 0.0)
+    return {"response_len_mean": m["mean_response_len"], "truncation_rate": m["truncation_rate"]}
 
 
 def global_normalisers(ctx, batch) -> O.Normalisers:

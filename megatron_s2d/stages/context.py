@@ -164,11 +164,14 @@ class StageContext:
         n = len(self.problems)
         if n == 0:
             raise S2DError(f"split {self.stage.split!r} is empty")
+        perms: dict[int, torch.Tensor] = {}  # one permutation per epoch touched by this step
         out = []
         for i in range(step * count, (step + 1) * count):
             epoch, pos = divmod(i, n)
-            g = torch.Generator().manual_seed(self.plan.seed * 1000003 + epoch)
-            out.append(int(torch.randperm(n, generator=g)[pos]))
+            if epoch not in perms:
+                g = torch.Generator().manual_seed(self.plan.seed * 1000003 + epoch)
+                perms[epoch] = torch.randperm(n, generator=g)
+            out.append(int(perms[epoch][pos]))
         return out
 
     def dp_share(self, items: list) -> list:
