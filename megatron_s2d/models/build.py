@@ -26,6 +26,7 @@ class ModelOptions:
     recompute: bool = False  # full activation recomputation per layer
     init_std: float = 0.02
     seed: int = 1234
+    initialize: bool = True  # random-initialise the weights; False when a checkpoint is loaded right after
 
 
 def te_available() -> bool:
@@ -71,7 +72,7 @@ def transformer_config(arch: ArchSpec, opts: ModelOptions, tp: int, pp: int):
         add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=opts.init_std,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        use_cpu_initialization=not cuda, perform_initialization=True,
+        use_cpu_initialization=not cuda, perform_initialization=opts.initialize,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
         deallocate_pipeline_outputs=False,

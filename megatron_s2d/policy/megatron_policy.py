@@ -4,7 +4,8 @@ One class serves both roles so they share the forward path, the micro-batching a
   * trainable: megatron DDP (gradients summed over data parallel: losses carry global normalisers, so
     ``calculate_per_token_loss`` is set and DDP does not average), megatron's optimizer (the distributed optimizer on
     nccl; a plain one on gloo, which cannot reduce-scatter), grad clipping, warmup + constant/cosine LR schedule.
-  * frozen: eval mode, no grads, its own TP/PP layout (see ``scorer.py``).
+  * frozen: eval mode, no grads; optionally in its own TP/PP layout (``groups``: a teacher at TP8 next to a student
+    at TP1), which ``scorer.FrozenScorer`` wraps to serve the stage's data-parallel ranks.
 Every forward goes through megatron-core's pipeline schedule (``get_forward_backward_func``), so PP=1 and PP>1 share
 one code path. Objectives are callables ``(logits_shard (B,T,V/tp), micro_batch) -> (loss, metric sums)``.
 """
@@ -48,19 +49,36 @@ def _finalize_grads(models, num_tokens=None, **kwargs):
 
 class MegatronPolicy:
     def __init__(self, arch: ArchSpec, model_cfg: ModelConfig, optim: OptimConfig | None = None,
-                 total_steps: int = 1, seed: int = 1234):
+                 total_steps: int = 1, seed: int = 1234, groups=None, initialize: bool = True):
         from megatron.core import parallel_state as ps
 
         self.arch = arch
         self.model_cfg = model_cfg
         self.trainable = optim is not None
+        # a layout of its own (runtime.groups.ModelGroups) is for frozen models only: training needs megatron's
+        # global groups (DDP, the optimizer, finalize_model_grads)
+        self.groups = groups if groups is not None and not groups.is_global else None
+        if self.trainable and self.groups is not None:
+            raise S2DError("a trainable policy must use the job's own layout (parallel_state); "
+                           "only frozen scorers take a layout of their own")
         opts = ModelOptions(dtype=model_cfg.dtype, use_te=model_cfg.use_te, fp8=model_cfg.fp8,
-                            recompute=model_cfg.recompute, seed=seed)
-        model = build_gpt_model(arch, opts)
-        self.tp_group = ps.get_tensor_model_parallel_group()
-        self.dp_group = ps.get_data_parallel_group()
-        self.pp_size = ps.get_pipeline_model_parallel_world_size()
-        self.is_last_stage = ps.is_pipeline_last_stage()
+                            recompute=model_cfg.recompute, seed=seed,
+                            initialize=initialize)  # False: weights are loaded next (skips a 70B random init)
+        if self.groups is None:
+            model = build_gpt_model(arch, opts)
+            self.tp_group = ps.get_tensor_model_parallel_group()
+            self.dp_group = ps.get_data_parallel_group()
+            self.pp_group = ps.get_pipeline_model_parallel_group()
+            self.pp_size = ps.get_pipeline_model_parallel_world_size()
+            self.is_last_stage = ps.is_pipeline_last_stage()
+            self.pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
+        else:
+            g = self.groups
+            model = build_gpt_model(arch, opts, pg_collection=g.pg_collection)
+            self.tp_group, self.dp_group, self.pp_group = g.pg_collection.tp, g.pg_collection.dp, g.pg_collection.pp
+            self.pp_size = g.pp
+            self.is_last_stage = g.pp_rank == g.pp - 1
+            self.pp_last_rank = torch.distributed.get_global_rank(self.pp_group, g.pp - 1)
         self.optimizer = self.scheduler = None
         if self.trainable:
             model.config.calculate_per_token_loss = True
@@ -141,22 +159,23 @@ class MegatronPolicy:
 
             return out, loss_func
 
-        fb = get_forward_backward_func()
+        fb = get_forward_backward_func(pp_size=self.pp_size)
         max_len = max(plan.lengths) if plan.lengths else 1
+        own = {}
+        if self.groups is not None:  # a layout of its own: the schedule must not fall back to parallel_state
+            own = dict(pg_collection=self.groups.pg_collection,
+                       p2p_communicator=self.groups.p2p_communicator(self.module.config))
         store = fb(forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
                    num_microbatches=len(micro), seq_length=max_len, micro_batch_size=1,
-                   forward_only=forward_only)
+                   forward_only=forward_only, **own)
         return self._from_last_stage(store), len(micro), plan.padded_tokens
 
     def _from_last_stage(self, store: list[dict]) -> list[dict]:
         """The schedule's outputs live on the last pipeline stage: broadcast them to the other stages."""
         if self.pp_size == 1:
             return store
-        from megatron.core import parallel_state as ps
-
         obj = [store if self.is_last_stage else None]
-        torch.distributed.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
-                                                group=ps.get_pipeline_model_parallel_group())
+        torch.distributed.broadcast_object_list(obj, src=self.pp_last_rank, group=self.pp_group)
         return obj[0]
 
     @torch.no_grad()

@@ -106,6 +106,16 @@ def _unwrap(model):
 
 
 # ---------------------------------------------------------------- save / load
+def sharded_state(m) -> dict:
+    """The model's sharded state dict, with replica ids from the model's *own* data-parallel group.
+
+    megatron-core falls back to parallel_state's DP group, which is wrong for a frozen teacher in a layout of its
+    own (runtime.groups): its replicas are the teacher's DP ranks, not the student's.
+    """
+    dp_cp = getattr(getattr(m, "pg_collection", None), "dp_cp", None)
+    return m.sharded_state_dict(metadata={"dp_cp_group": dp_cp} if dp_cp is not None else None)
+
+
 def sync_save_strategy():
     """megatron's ``torch_dist`` save strategy, run synchronously through torch DCP's plain ``FileSystemWriter``.
 
@@ -143,7 +153,7 @@ def save_model_checkpoint(model, out_dir: str | Path, arch: ArchSpec, dtype: str
         (tmp / WEIGHTS_DIR).mkdir(parents=True)
     dist.barrier()
     try:
-        dist_checkpointing.save(m.sharded_state_dict(), str(tmp / WEIGHTS_DIR), sharded_strategy=sync_save_strategy())
+        dist_checkpointing.save(sharded_state(m), str(tmp / WEIGHTS_DIR), sharded_strategy=sync_save_strategy())
     except BaseException:
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -197,7 +207,7 @@ def load_model_checkpoint(model, ckpt_dir: str | Path, weights_subdir: str = WEI
     if not (weights / "metadata.json").is_file():
         raise S2DError(f"{weights}: no dist checkpoint here (missing metadata.json)")
     state, missing, unexpected = dist_checkpointing.load(
-        m.sharded_state_dict(), str(weights), strict=StrictHandling.RETURN_ALL)
+        sharded_state(m), str(weights), strict=StrictHandling.RETURN_ALL)
     not_in_ckpt = sorted(k for k in unexpected if not k.endswith("_extra_state"))
     not_in_model = sorted(k for k in missing if not k.endswith("_extra_state"))
     if not_in_ckpt or not_in_model:

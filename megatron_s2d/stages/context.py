@@ -129,15 +129,23 @@ class StageContext:
         return policy, state
 
     def build_scorer(self, ref: str | None, role: str = "teacher"):
-        """A frozen model (teacher or reference) for scoring, from a stage's final checkpoint or the base."""
+        """A frozen model (teacher or reference) for scoring, from a stage's final checkpoint or the base, at the
+        role's own TP/PP layout (``models.<role>.tp/pp``); see ``policy.scorer`` for how rows are routed."""
         from megatron_s2d.policy.megatron_policy import MegatronPolicy
+        from megatron_s2d.policy.scorer import FrozenScorer
+        from megatron_s2d.runtime.groups import model_groups
 
         path = self.checkpoint_of(ref, role)
         arch, _ = read_model_meta(path)
         self.check_tokenizer(path)
-        scorer = MegatronPolicy(arch, self.plan.models[role], optim=None, seed=self.plan.seed)
-        load_model_checkpoint(scorer.module, path)
-        return scorer, path
+        mcfg = self.plan.models[role]
+        groups = model_groups(mcfg.tp, mcfg.pp)
+        model = MegatronPolicy(arch, mcfg, optim=None, seed=self.plan.seed, groups=groups, initialize=False)
+        load_model_checkpoint(model.module, path)
+        if not groups.is_global:
+            self.log(f"{role} scorer at its own layout tp={mcfg.tp} pp={mcfg.pp} ({groups.dp} replicas) next to "
+                     f"the {self.role} at tp={self.dist.tp} pp={self.dist.pp} (dp={self.dist.dp})")
+        return FrozenScorer(model, self._dp_rank()), path
 
     def check_tokenizer(self, other_ckpt: Path) -> None:
         """Teacher and student must share a tokenizer (per-token log-probs are compared id by id)."""
@@ -145,17 +153,26 @@ class StageContext:
 
         check_same_tokenizer(self.init_dir / "tokenizer", Path(other_ckpt) / "tokenizer")
 
-    def make_engine(self, policy):
-        """The rollout engine for this stage's policy (the megatron sampler; vLLM when configured)."""
+    def make_engine(self, policy, ckpt_dir: Path | None = None):
+        """The rollout engine for ``policy`` (the stage's policy, or a frozen teacher from ``build_scorer`` whose
+        checkpoint is ``ckpt_dir``): the megatron sampler, or vLLM when configured. A model in a layout of its own
+        generates for every stage DP rank through ``rollout.routed.RoutedEngine``."""
         from megatron_s2d.rollout.megatron_sampler import MegatronSampler
 
+        groups = getattr(policy, "groups", None)
         if self.stage.rollout.engine == "vllm":
             from megatron_s2d.rollout.factory import make_vllm_engine
 
             with self.shield_children():
-                return make_vllm_engine(self, policy)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return MegatronSampler(policy.module, policy.arch, eos_token_ids=list(self.stop_ids), pad_token_id=pad)
+                engine = make_vllm_engine(self, policy, ckpt_dir or self.init_dir)
+        else:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            engine = MegatronSampler(policy.module, policy.arch, eos_token_ids=list(self.stop_ids), pad_token_id=pad)
+        if groups is not None:
+            from megatron_s2d.rollout.routed import RoutedEngine
+
+            engine = RoutedEngine(engine, groups, self._dp_rank())
+        return engine
 
     # --------------------------------------------------------------------------------------- data
     def step_problems(self, step: int, count: int) -> list[int]:

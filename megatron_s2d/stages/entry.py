@@ -33,9 +33,10 @@ def run_base_eval(plan_path: str) -> None:
 
     plan = load_plan(plan_path)
     layout = RunLayout.of(plan.run_dir)
-    init_distributed(plan.models["student"].tp, plan.models["student"].pp, seed=plan.seed)
     out = {}
     for role in ("teacher", "student"):
+        # each base model is evaluated at its own layout (a 70B teacher at TP8 PP2, the student at TP1)
+        init_distributed(plan.models[role].tp, plan.models[role].pp, seed=plan.seed)
         ctx = _BaseCtx(plan, role, layout)
         out[f"{role}_base"] = evaluate_policy(ctx, ctx.model.module, ctx.arch, f"{role}_base")
         del ctx
@@ -52,6 +53,7 @@ class _BaseCtx:
     """The few StageContext attributes ``evaluate_policy`` needs, for a base model."""
 
     def __init__(self, plan, role, layout):
+        import torch
         from transformers import AutoTokenizer
 
         from megatron_s2d.policy.megatron_policy import MegatronPolicy
@@ -61,10 +63,10 @@ class _BaseCtx:
 
         path = layout.base_model(role)
         self.plan, self.arch = plan, read_model_meta(path)[0]
-        self.dist = _info("gloo")
+        self.dist = _info(torch.distributed.get_backend())
         self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
         self.stop_ids = stop_token_ids(path, self.tokenizer)
-        self.model = MegatronPolicy(self.arch, plan.models[role], optim=None, seed=plan.seed)
+        self.model = MegatronPolicy(self.arch, plan.models[role], optim=None, seed=plan.seed, initialize=False)
         load_model_checkpoint(self.model.module, path)
 
     def log(self, msg: str) -> None:

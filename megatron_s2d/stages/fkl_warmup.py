@@ -32,8 +32,8 @@ def teacher_rollouts(ctx) -> list:
         ctx.log(f"teacher rollouts: cached {path}")
         return torch.load(path, weights_only=False)
     st, d = ctx.stage, ctx.stage.distill
-    teacher, _ = ctx.build_scorer(st.teacher, "teacher")
-    engine = ctx.make_engine(teacher)
+    teacher, teacher_dir = ctx.build_scorer(st.teacher, "teacher")
+    engine = ctx.make_engine(teacher, teacher_dir)
     topk = d.topk if d.fkl_mode == "topk" else 0
     t0 = time.perf_counter()
     idx = [i for step in range(st.steps) for i in ctx.dp_share(ctx.step_problems(step, st.prompts_per_step))]

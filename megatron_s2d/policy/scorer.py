@@ -1,0 +1,190 @@
+"""Frozen scorer (teacher, reference) in a TP/PP layout of its own, serving the stage's data-parallel ranks.
+
+A 70B teacher at TP8 next to an 8B student at TP1: every rank of the job holds one shard of the teacher *and* one
+of the student, but a teacher tensor-parallel group spans eight student data-parallel ranks, each with its own
+rollouts. Scoring therefore routes rows, per call:
+
+    1. every rank announces (its stage DP rank, its rows' lengths)                      all_gather_object (small)
+    2. the rows of all stage DP ranks, in (dp rank, row) order, are cut into contiguous pieces of about equal
+       token count, one per teacher replica (a replica = the tp * pp ranks holding one whole teacher)
+    3. one rank per stage DP rank sends each replica its piece; the replica scores its rows (megatron pipeline
+       schedule, the model's own groups)                                                    exchange (all_to_all)
+    4. each replica's leader sends every rank the scores of that rank's rows                exchange (all_to_all)
+
+When the scorer's layout is the job's own (a reference model in GRPO, or teacher tp/pp = student tp/pp), teacher
+replica == stage DP rank and every rank simply scores its own rows: no routing.
+
+Results equal the single-process scores of the same rows (forward_values zeroes everything past a row's length,
+so how rows are grouped into micro-batches does not matter): see tests/distributed/test_scorer_layout.py.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_s2d.errors import S2DError
+from megatron_s2d.runtime.exchange import exchange
+
+
+def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
+    """Cut ``weights`` into ``parts`` contiguous [lo, hi) ranges of about equal total weight (some may be empty).
+
+    Boundary k sits where the running total first reaches k/parts of the whole, so each part's weight is within
+    one item of the ideal.
+    """
+    if parts < 1:
+        raise ValueError(f"balanced_split: parts must be >= 1, got {parts}")
+    cum, total = [], 0
+    for w in weights:
+        total += w
+        cum.append(total)
+    bounds = [0]
+    for k in range(1, parts):
+        bounds.append(max(bounds[-1], bisect.bisect_left(cum, total * k / parts) + (1 if cum else 0)))
+        bounds[-1] = min(bounds[-1], len(weights))
+    bounds.append(len(weights))
+    return [(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Who scores which rows (identical on every rank: computed from the all-gathered announcements)."""
+
+    source: dict[int, int]  # stage DP rank -> the global rank that sends its rows (the lowest holding them)
+    stage_dp_of: list[int]  # global rank -> its stage DP rank
+    pieces: list[list[tuple[int, int]]]  # replica -> [(stage DP rank, row index), ...] in global order
+
+    @staticmethod
+    def plan(announced: list[tuple[int, list[int]]], replicas: int) -> "Routing":
+        """``announced[rank] = (stage_dp_rank, row lengths)`` for every global rank."""
+        source: dict[int, int] = {}
+        lengths: dict[int, list[int]] = {}
+        for rank, (s, lens) in enumerate(announced):
+            if s not in source:
+                source[s], lengths[s] = rank, list(lens)
+            elif lengths[s] != list(lens):
+                raise S2DError(f"scorer: ranks {source[s]} and {rank} are both stage data-parallel rank {s} but hold "
+                               f"different rows (lengths {lengths[s][:8]}... vs {list(lens)[:8]}...); every rank of a "
+                               "data-parallel group must pass the same batch")
+        rows = [(s, i) for s in sorted(source) for i in range(len(lengths[s]))]
+        weights = [lengths[s][i] for s, i in rows]
+        pieces = [rows[lo:hi] for lo, hi in balanced_split(weights, replicas)]
+        return Routing(source=source, stage_dp_of=[s for s, _ in announced], pieces=pieces)
+
+
+def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (n_i, T_i, ...) tensors on dim 0, zero-padding dim 1 to the largest T_i."""
+    t = max(p.shape[1] for p in parts)
+    out = []
+    for p in parts:
+        if p.shape[1] < t:
+            pad = torch.zeros((p.shape[0], t - p.shape[1]) + tuple(p.shape[2:]), dtype=p.dtype)
+            p = torch.cat([p, pad], dim=1)
+        out.append(p)
+    return torch.cat(out, dim=0)
+
+
+def _rows(batch: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of a batch, cut to their longest length on dim 1 (per-token fields) to keep messages small."""
+    sel = torch.tensor(idx, dtype=torch.long)
+    t = int(batch["lengths"][sel].max()) if idx else 0
+    out = {}
+    for k, v in batch.items():
+        v = v.index_select(0, sel)
+        out[k] = v[:, :t].contiguous() if v.dim() >= 2 else v
+    return out
+
+
+class FrozenScorer:
+    """A frozen :class:`MegatronPolicy` (possibly in its own layout) that scores the calling rank's own rows.
+
+    Same ``forward_values(batch, objective, micro_batch_tokens)`` as the policy; ``tp_group`` is the scorer's, for
+    building its objectives.
+    """
+
+    def __init__(self, model, stage_dp_rank: int):
+        self.model = model
+        self.groups = model.groups  # None: the job's own layout
+        self.stage_dp_rank = stage_dp_rank
+
+    @property
+    def tp_group(self):
+        return self.model.tp_group
+
+    @property
+    def module(self):
+        return self.model.module
+
+    @property
+    def arch(self):
+        return self.model.arch
+
+    @property
+    def own_layout(self) -> bool:
+        return self.groups is not None
+
+    @torch.no_grad()
+    def forward_values(self, batch: dict[str, torch.Tensor], objective, micro_batch_tokens: int):
+        if self.groups is None:
+            return self.model.forward_values(batch, objective, micro_batch_tokens)
+        g, me = self.groups, dist.get_rank()
+        announced: list = [None] * dist.get_world_size()
+        dist.all_gather_object(announced, (self.stage_dp_rank, batch["lengths"].tolist()))
+        route = Routing.plan(announced, g.dp)
+
+        # 3. sources send each replica its rows
+        send = {}
+        if route.source[self.stage_dp_rank] == me:
+            for replica, piece in enumerate(route.pieces):
+                mine = [i for s, i in piece if s == self.stage_dp_rank]
+                if mine:
+                    payload = (self.stage_dp_rank, mine, _rows(batch, mine))
+                    for dst in _replica_ranks(g, replica):
+                        send[dst] = payload
+        got = exchange(send)
+        piece = route.pieces[g.dp_rank]
+        values: dict[str, torch.Tensor] = {}
+        if piece:
+            parts = sorted(got.values(), key=lambda p: p[0])  # global order: by stage DP rank, rows ascending
+            order = [(s, i) for s, idx, _ in parts for i in idx]
+            if order != piece:
+                raise S2DError(f"scorer routing: replica {g.dp_rank} expected rows {piece[:4]}..., got {order[:4]}...")
+            keys = parts[0][2].keys()
+            union = {k: (_pad_cat([p[2][k] for p in parts]) if parts[0][2][k].dim() >= 2
+                         else torch.cat([p[2][k] for p in parts])) for k in keys}
+            values = self.model.forward_values(union, objective, micro_batch_tokens)
+
+        # 4. each replica's leader returns every rank the scores of its rows
+        send = {}
+        if piece and me == g.replica_leader:
+            by_stage: dict[int, list[int]] = {}
+            for j, (s, i) in enumerate(piece):
+                by_stage.setdefault(s, []).append(j)
+            payloads = {}
+            for s, js in by_stage.items():
+                sel = torch.tensor(js, dtype=torch.long)
+                t = int(max(announced[route.source[s]][1][piece[j][1]] for j in js))
+                payloads[s] = ([piece[j][1] for j in js], {k: v.index_select(0, sel)[:, :t] for k, v in values.items()})
+            for dst, s in enumerate(route.stage_dp_of):
+                if s in payloads:
+                    send[dst] = payloads[s]
+        got = exchange(send)
+        n, t = batch["tokens"].shape
+        out: dict[str, torch.Tensor] = {}
+        for idx, vals in got.values():
+            rows = torch.tensor(idx, dtype=torch.long)
+            for k, v in vals.items():
+                if k not in out:
+                    out[k] = torch.zeros((n, t) + tuple(v.shape[2:]), dtype=v.dtype)
+                out[k][rows, : v.shape[1]] = v
+        return out
+
+
+def _replica_ranks(g, replica: int) -> list[int]:
+    from megatron_s2d.runtime.groups import rank_of
+
+    return [rank_of(t, replica, p, g.tp, g.dp) for p in range(g.pp) for t in range(g.tp)]

@@ -1,0 +1,80 @@
+"""Generation by a model in a layout of its own (the teacher writing rollouts for the forward-KL warmup).
+
+The stage's data-parallel ranks each hold their own prompts, but a teacher replica (tp * pp ranks) may span
+several of them, and every rank of a replica must run the same generation (each decode step is a collective).
+So, per ``generate`` call: the prompts of all stage DP ranks are pooled in (dp rank, prompt) order, cut into
+contiguous pieces of about equal token budget, one per teacher replica; each replica generates its piece; the
+replica's leader sends every rank the samples of its own prompts. Same protocol and result as the wrapped engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+
+import torch.distributed as dist
+
+from megatron_s2d.errors import S2DError
+from megatron_s2d.policy.scorer import Routing
+from megatron_s2d.rollout.base import GenerationResult, SamplingParams, generation_metrics
+from megatron_s2d.runtime.exchange import exchange
+
+
+def _replica_params(params_by_source: dict[int, SamplingParams], replica: int) -> SamplingParams:
+    """One SamplingParams for a replica that serves several sources: identical fields required; the seed is
+    derived from every source's seed and the replica index (the same on all ranks of the replica)."""
+    base = params_by_source[min(params_by_source)]
+    for s, p in params_by_source.items():
+        if dataclasses.replace(p, seed=base.seed) != base:
+            raise S2DError(f"routed generation: stage data-parallel ranks {min(params_by_source)} and {s} asked for "
+                           f"different sampling params ({base} vs {p}); only the seed may differ")
+    key = f"{sorted((s, p.seed) for s, p in params_by_source.items())}:{replica}".encode()
+    return dataclasses.replace(base, seed=int.from_bytes(hashlib.sha256(key).digest()[:4], "little"))
+
+
+class RoutedEngine:
+    """Wraps a ``RolloutEngine`` running on a model with its own ``runtime.groups.ModelGroups``."""
+
+    def __init__(self, engine, groups, stage_dp_rank: int):
+        self.engine, self.groups, self.stage_dp_rank = engine, groups, stage_dp_rank
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:
+        g, me = self.groups, dist.get_rank()
+        start = time.perf_counter()
+        announced: list = [None] * dist.get_world_size()
+        budget = [len(p) + params.max_new_tokens for p in prompts]
+        dist.all_gather_object(announced, (self.stage_dp_rank, budget, prompts, params))
+        route = Routing.plan([(s, b) for s, b, _, _ in announced], g.dp)
+        for rank, (s, _, p, _) in enumerate(announced):
+            if p != announced[route.source[s]][2]:
+                raise S2DError(f"routed generation: ranks {route.source[s]} and {rank} are both stage data-parallel "
+                               f"rank {s} but were given different prompts")
+        piece = route.pieces[g.dp_rank]
+        send = {}
+        if piece:
+            sources = sorted({s for s, _ in piece})
+            rp = _replica_params({s: announced[route.source[s]][3] for s in sources}, g.dp_rank)
+            result = self.engine.generate([announced[route.source[s]][2][i] for s, i in piece], rp)
+            if me == g.replica_leader:
+                back: dict[int, list] = {}
+                for (s, i), samples in zip(piece, result.samples):
+                    back.setdefault(s, []).append((i, samples))
+                for dst, s in enumerate(route.stage_dp_of):
+                    if s in back:
+                        send[dst] = back[s]
+        got = exchange(send)
+        samples: list = [None] * len(prompts)
+        for items in got.values():
+            for i, group in items:
+                samples[i] = group
+        missing = [i for i, s in enumerate(samples) if s is None]
+        if missing:
+            raise S2DError(f"routed generation: no samples came back for prompts {missing[:8]} of this rank")
+        return GenerationResult(samples=samples, metrics=generation_metrics(samples, time.perf_counter() - start))
+
+    def update_weights(self, named_tensors) -> None:
+        self.engine.update_weights(named_tensors)
+
+    def close(self) -> None:
+        self.engine.close()
