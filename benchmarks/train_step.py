@@ -47,6 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=None, help="override the preset's vocab size (the log-prob pass "
+                    "scales with it: e.g. --vocab 32000 on CPU to see the objectives' overhead)")
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--seqs", type=int, default=None, help="sequences per step")
     ap.add_argument("--micro-batch-tokens", type=int, default=None)
@@ -62,6 +64,8 @@ def main() -> None:
     cfg = dict(PRESETS[preset])
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
+    if args.vocab:
+        cfg["vocab_size"] = args.vocab
     seq = args.seq or (4096 if cuda else 128)
     n_seq = args.seqs or (4 if cuda else 8)
     mbt = args.micro_batch_tokens or seq
@@ -94,7 +98,7 @@ def main() -> None:
     def ce(logits, mb):
         from megatron_s2d import losses
 
-        lp = O.target_logprobs(logits, mb["tokens"], tp)
+        lp = O.target_logprobs(logits, mb, tp)
         return losses.sft_loss(lp, mb["loss_mask"], norm.num_tokens)
 
     objectives = {

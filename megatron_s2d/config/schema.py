@@ -26,6 +26,10 @@ class ModelConfig:
     use_te: Literal["auto", "yes", "no"] = "auto"  # Transformer Engine layer spec (GPU only)
     fp8: Literal["delayed", "tensorwise", "blockwise"] | None = None  # TE FP8 recipe for training/scoring
     recompute: bool = False  # full activation recomputation
+    # sequence packing: a micro-batch is one row of concatenated sequences (no padding), attention kept within each
+    # sequence. "auto": pack with Transformer Engine (THD varlen attention kernels); pad with the local spec, whose
+    # dense attention over a packed row would cost total^2 instead of sum(len^2). true/false force it.
+    pack_sequences: Literal["auto"] | bool = "auto"
 
 
 @dataclass

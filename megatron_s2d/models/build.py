@@ -124,6 +124,7 @@ def build_gpt_model(arch: ArchSpec, opts: ModelOptions = ModelOptions(), pg_coll
         parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope", rotary_base=int(arch.rope_theta), **kwargs,
     )
+    model.s2d_uses_te = use_te  # packed sequences take THD cu_seqlens with TE, a block mask with the local spec
     # megatron-core's llama3 scaling hard-codes low/high freq factors and the original context length; set the
     # exact HF frequencies instead so any Llama-3.x config is reproduced to rounding.
     inv = llama3_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)

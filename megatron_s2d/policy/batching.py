@@ -1,9 +1,17 @@
-"""Token-budget micro-batching of variable-length sequences.
+"""Token-budget micro-batching of variable-length sequences: padded rows, or packed (padding-free) rows.
 
-A step's sequences are cut into micro-batches whose *padded* size (rows x longest row) stays within
-``micro_batch_tokens``: sequences are sorted by length (longest first, ties by index, so the cut is deterministic) and
-packed greedily. Each micro-batch is trimmed to its own longest row, so short sequences do not pay for long ones
-(padding waste is reported). Loss normalisers are global (see losses/), so the cut does not change the objective.
+Padded (:func:`plan_micro_batches`): a step's sequences are cut into micro-batches whose *padded* size (rows x
+longest row) stays within ``micro_batch_tokens``: sequences are sorted by length (longest first, ties by index, so the
+cut is deterministic) and grouped greedily. Each micro-batch is trimmed to its own longest row, so short sequences do
+not pay for long ones (padding waste is reported).
+
+Packed (:func:`plan_packs` + :func:`pack_rows`): each micro-batch is ONE row holding several whole sequences back to
+back (first-fit decreasing under ``micro_batch_tokens`` real tokens), so no token is padding. The model attends
+within each sequence only (THD ``cu_seqlens`` with Transformer Engine, a block-diagonal causal mask otherwise); the
+per-row fields stay per-row, and ``pack_index`` maps each row position to its packed position, so the objectives
+compute on the packed logits and hand the losses the usual (rows, T) tensors (see ``objectives``).
+
+Loss normalisers are global (see losses/), so neither cut changes the objective.
 """
 
 from __future__ import annotations
@@ -55,3 +63,68 @@ def slice_batch(batch: dict[str, torch.Tensor], rows: list[int], length: int) ->
         v = v.index_select(0, idx.to(v.device))
         out[k] = v[:, :length] if v.dim() >= 2 else v
     return out
+
+
+def plan_packs(lengths: list[int], micro_batch_tokens: int) -> MicroBatchPlan:
+    """First-fit decreasing bins of whole sequences with at most ``micro_batch_tokens`` real tokens each.
+
+    ``lengths`` of the plan are the packed lengths (sum of the bin's sequence lengths). Deterministic.
+    """
+    if not lengths:
+        return MicroBatchPlan([], [])
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if lengths[order[0]] > micro_batch_tokens:
+        raise S2DError(f"micro_batch_tokens = {micro_batch_tokens} is smaller than the longest sequence "
+                       f"({lengths[order[0]]} tokens): raise micro_batch_tokens")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(micro_batch_tokens - lengths[i])
+    return _PackPlan(bins, [micro_batch_tokens - r for r in room])
+
+
+class _PackPlan(MicroBatchPlan):
+    @property
+    def padded_tokens(self) -> int:
+        return sum(self.lengths)  # nothing is padding
+
+
+def pack_rows(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    """The micro-batch of ``rows`` in packed form.
+
+    Per-row fields are those of :func:`slice_batch` (rows x their longest length). Added:
+      packed_tokens (1, S) the rows' tokens back to back, S = sum of lengths
+      pack_index    (n, T) long: packed position of row r, time t (0 where t >= length)
+      pack_valid    (n, T) bool: t < length
+      cu_seqlens    (n + 1,) int32: sequence boundaries in the packed row (THD attention)
+      pack_positions (1, S) long: position of each packed token within its own sequence
+    """
+    lengths = [int(batch["lengths"][r]) for r in rows]
+    out = slice_batch(batch, rows, max(lengths))
+    t = torch.arange(max(lengths))
+    lens = torch.tensor(lengths)
+    starts = torch.cumsum(lens, 0) - lens  # (n,)
+    valid = t[None, :] < lens[:, None]  # (n, T)
+    index = (starts[:, None] + t[None, :]) * valid  # (n, T)
+    out["packed_tokens"] = out["tokens"][valid].unsqueeze(0)  # row-major: rows in order, each in time order
+    out["pack_index"] = index
+    out["pack_valid"] = valid
+    out["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lens, 0).to(torch.int32)])
+    out["pack_positions"] = t.expand(len(rows), -1)[valid].unsqueeze(0)
+    return out
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(1, 1, S, S) bool attention mask, True = masked: causal within each packed sequence, nothing across."""
+    total = int(cu_seqlens[-1])
+    seg = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+    pos = torch.arange(total)
+    allowed = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+    return (~allowed)[None, None]

@@ -140,12 +140,22 @@ def _row_chunks(n: int, chunk_size: int | None) -> Iterator[slice]:
         yield slice(start, min(start + step, n))
 
 
-def _scaled(chunk: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
-    """A fresh `dtype` copy of a logits chunk divided by the temperature (safe to modify in place)."""
-    z = chunk.to(dtype, copy=True)
+def _scaled(chunk: torch.Tensor, dtype: torch.dtype, temperature: float,
+            buf: torch.Tensor | None = None) -> torch.Tensor:
+    """A `dtype` copy of a logits chunk divided by the temperature (safe to modify in place), written into
+    ``buf[:rows]`` when given (a work buffer reused across chunks: no allocation per chunk)."""
+    z = chunk.to(dtype, copy=True) if buf is None else buf[: chunk.shape[0]].copy_(chunk)
     if temperature != 1.0:
         z.div_(temperature)
     return z
+
+
+def _work_buffer(logits: torch.Tensor, dtype: torch.dtype, chunk_size: int | None) -> torch.Tensor | None:
+    """One (chunk, V_local) buffer for chunked loops (None when unchunked: a single chunk allocates once anyway)."""
+    n = logits.shape[0]
+    if chunk_size is None or chunk_size >= n:
+        return None
+    return torch.empty(chunk_size, logits.shape[1], dtype=dtype, device=logits.device)
 
 
 def _global_max(z: torch.Tensor, shard: _Shard) -> torch.Tensor:
@@ -158,47 +168,68 @@ def _global_max(z: torch.Tensor, shard: _Shard) -> torch.Tensor:
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """log p(ids) for logits (N, V_local) and global ids (N, K) -> (N, K); analytic, chunked backward."""
+    """log p(ids) for logits (N, V_local) and global ids (N, K) -> (N, K); analytic, chunked backward.
+
+    With ``with_entropy`` it also returns the entropy per row (N,) from the same pass over the logits (the shifted
+    logits and their exponentials are already at hand: one extra dot product per row, no second read of the
+    logits, no extra collective); that output carries no gradient (a metric).
+    """
 
     @staticmethod
-    def forward(ctx, logits, ids, shard: _Shard, chunk_size, temperature):
+    def forward(ctx, logits, ids, shard: _Shard, chunk_size, temperature, with_entropy):
         cdt = _compute_dtype(logits)
+        floor = torch.finfo(cdt).min
         n = logits.shape[0]
         local = ids - shard.vocab_start  # (N, K)
         owned = (local >= 0) & (local < shard.v_local)  # (N, K) this rank holds the target's column
         local = local.clamp_(0, shard.v_local - 1)
         out = torch.empty(ids.shape, dtype=cdt, device=logits.device)  # (N, K)
         lse = torch.empty(n, dtype=cdt, device=logits.device)  # (N,)
+        ent = torch.empty(n if with_entropy else 0, dtype=cdt, device=logits.device)  # (N,) or (0,)
+        zbuf = _work_buffer(logits, cdt, chunk_size)
+        ebuf = _work_buffer(logits, cdt, chunk_size) if with_entropy else None
         for rows in _row_chunks(n, chunk_size):
-            z = _scaled(logits[rows], cdt, temperature)  # (n_c, V_local)
+            z = _scaled(logits[rows], cdt, temperature, zbuf)  # (n_c, V_local)
             m = _global_max(z, shard)  # (n_c,)
             tgt = z.gather(1, local[rows]).masked_fill_(~owned[rows], 0.0)  # (n_c, K)
-            z.sub_(m[:, None]).exp_()
-            stats = torch.cat([z.sum(dim=-1, keepdim=True), tgt], dim=1)  # (n_c, 1 + K)
+            if with_entropy:
+                z.sub_(m[:, None]).clamp_(min=floor)  # z' = z - m (finite, so 0 * z' stays 0)
+                e = torch.exp(z, out=ebuf[: z.shape[0]]) if ebuf is not None else z.exp()  # (n_c, V_local)
+                s_e = e.sum(dim=-1, keepdim=True)  # (n_c, 1)
+                ez = z.mul_(e).sum(dim=-1, keepdim=True)  # (n_c, 1) sum_v e^z' z'
+                stats = torch.cat([s_e, ez, tgt], dim=1)  # (n_c, 2 + K)
+                del e
+            else:
+                z.sub_(m[:, None]).exp_()
+                stats = torch.cat([z.sum(dim=-1, keepdim=True), tgt], dim=1)  # (n_c, 1 + K)
             del z
             shard.all_reduce(stats, dist.ReduceOp.SUM)
             log_s = stats[:, 0].log()  # (n_c,)
             lse[rows] = m + log_s
-            out[rows] = (stats[:, 1:] - m[:, None]) - log_s[:, None]
+            if with_entropy:
+                ent[rows] = log_s - stats[:, 1] / stats[:, 0]  # H = log S - E_p[z'] (shift-invariant)
+            out[rows] = (stats[:, 2 if with_entropy else 1:] - m[:, None]) - log_s[:, None]
         ctx.save_for_backward(logits, local, owned, lse)
         ctx.shard, ctx.chunk_size, ctx.temperature = shard, chunk_size, temperature
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_ent):
         logits, local, owned, lse = ctx.saved_tensors
         g = grad_out.to(lse.dtype)  # (N, K)
         g_sum = g.sum(dim=-1)  # (N,) weight of -softmax
         g_owned = g.masked_fill(~owned, 0.0)  # (N, K) weight of onehot(target), only where this rank owns it
         grad = torch.empty_like(logits)  # (N, V_local)
+        pbuf = _work_buffer(logits, lse.dtype, ctx.chunk_size)
         for rows in _row_chunks(logits.shape[0], ctx.chunk_size):
-            p = _scaled(logits[rows], lse.dtype, ctx.temperature).sub_(lse[rows, None]).exp_()  # softmax shard
+            p = _scaled(logits[rows], lse.dtype, ctx.temperature, pbuf).sub_(lse[rows, None]).exp_()  # softmax
             p.mul_(-g_sum[rows, None]).scatter_add_(1, local[rows], g_owned[rows])
             if ctx.temperature != 1.0:
                 p.div_(ctx.temperature)
             grad[rows] = p
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def token_logprobs(
@@ -207,7 +238,8 @@ def token_logprobs(
     tp_group=None,
     chunk_size: int | None = None,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+):
     """Log-probs of `target_ids` under softmax(logits / temperature), from a vocab-parallel shard.
 
     Args:
@@ -217,17 +249,20 @@ def token_logprobs(
         tp_group: the tensor-parallel ProcessGroup, or None for TP=1 without torch.distributed.
         chunk_size: rows of the flattened B*T processed at a time (forward and backward); None = all at once.
         temperature: the logits are divided by it first.
+        return_entropy: also return the entropy (B, T) of softmax(logits / temperature), computed in the same
+            pass (no gradient: a metric; use :func:`entropy` for a differentiable one).
 
     Returns:
         (B, T) or (B, T, K) fp32 log-probs (fp64 for fp64 logits), differentiable w.r.t. `logits`; the gradient is
-        this rank's slice of the full-vocab gradient.
+        this rank's slice of the full-vocab gradient. With ``return_entropy``: (log-probs, entropy).
     """
     shard = _shard_of(logits, tp_group)
     _check_options(chunk_size, temperature)
     ids, has_k = _flat_targets(logits, target_ids, shard)  # (N, K)
     flat = logits.reshape(-1, shard.v_local)  # (N, V_local)
-    out = _TokenLogprobs.apply(flat, ids, shard, chunk_size, float(temperature))  # (N, K)
-    return out.reshape(target_ids.shape) if has_k else out.reshape(logits.shape[:-1])
+    out, ent = _TokenLogprobs.apply(flat, ids, shard, chunk_size, float(temperature), bool(return_entropy))
+    out = out.reshape(target_ids.shape) if has_k else out.reshape(logits.shape[:-1])
+    return (out, ent.reshape(logits.shape[:-1])) if return_entropy else out
 
 
 # --------------------------------------------------------------------------------------------- entropy

@@ -23,7 +23,7 @@ from megatron_s2d.config.schema import ModelConfig, OptimConfig
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec
 from megatron_s2d.models.build import ModelOptions, build_gpt_model
-from megatron_s2d.policy.batching import plan_micro_batches, slice_batch
+from megatron_s2d.policy.batching import block_causal_mask, pack_rows, plan_micro_batches, plan_packs, slice_batch
 
 Objective = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
@@ -79,6 +79,11 @@ class MegatronPolicy:
             self.pp_size = g.pp
             self.is_last_stage = g.pp_rank == g.pp - 1
             self.pp_last_rank = torch.distributed.get_global_rank(self.pp_group, g.pp - 1)
+        self.uses_te = bool(getattr(model, "s2d_uses_te", False))
+        pack = model_cfg.pack_sequences
+        if pack not in ("auto", True, False):
+            raise S2DError(f"model.pack_sequences = {pack!r}; expected 'auto', true or false")
+        self.pack_sequences = self.uses_te if pack == "auto" else pack
         self.optimizer = self.scheduler = None
         if self.trainable:
             model.config.calculate_per_token_loss = True
@@ -138,18 +143,25 @@ class MegatronPolicy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         lengths = batch["lengths"].tolist()
-        plan = plan_micro_batches(lengths, micro_batch_tokens)
-        micro = [dict(slice_batch(batch, rows, length), rows=torch.tensor(rows))
-                 for rows, length in zip(plan.groups, plan.lengths)]
+        if self.pack_sequences:
+            plan = plan_packs(lengths, micro_batch_tokens)
+            micro = [dict(pack_rows(batch, rows), rows=torch.tensor(rows)) for rows in plan.groups]
+        else:
+            plan = plan_micro_batches(lengths, micro_batch_tokens)
+            micro = [dict(slice_batch(batch, rows, length), rows=torch.tensor(rows))
+                     for rows, length in zip(plan.groups, plan.lengths)]
         device = next(self.module.parameters()).device
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             mb = {k: v.to(device) for k, v in mb.items()}
-            tokens = mb["tokens"]
-            b, t = tokens.shape
-            pos = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
-            out = model(tokens, pos, None)
+            if "packed_tokens" in mb:
+                out = self._packed_forward(model, mb)
+            else:
+                tokens = mb["tokens"]
+                b, t = tokens.shape
+                pos = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
+                out = model(tokens, pos, None)
 
             def loss_func(output):
                 loss, metrics = objective(output, mb)
@@ -169,6 +181,20 @@ class MegatronPolicy:
                    num_microbatches=len(micro), seq_length=max_len, micro_batch_size=1,
                    forward_only=forward_only, **own)
         return self._from_last_stage(store), len(micro), plan.padded_tokens
+
+    def _packed_forward(self, model, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (1, S, V/tp) of a packed micro-batch: attention stays within each sequence."""
+        tokens, pos, cu = mb["packed_tokens"], mb["pack_positions"], mb["cu_seqlens"]
+        if self.uses_te:  # THD varlen attention; RoPE positions restart at every cu_seqlens boundary
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu = cu.to(torch.int32)
+            longest = int(mb["lengths"].max())
+            psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                  max_seqlen_kv=longest)
+            return model(tokens, pos, None, packed_seq_params=psp)
+        # local spec: a block-diagonal causal mask; RoPE is relative, so the packed offsets cancel inside a block
+        return model(tokens, pos, block_causal_mask(cu.cpu()).to(tokens.device))
 
     def _from_last_stage(self, store: list[dict]) -> list[dict]:
         """The schedule's outputs live on the last pipeline stage: broadcast them to the other stages."""

@@ -5,6 +5,10 @@ pipeline schedule on the last stage. Token alignment: ``logits[:, t-1]`` predict
 fields of a micro-batch (``loss_mask``, ``old_logprobs``, ``advantages``, ``teacher_*``...) are indexed by the
 position of the *predicted* token, with position 0 unused.
 
+A packed micro-batch (``batching.pack_rows``) comes with (1, S, V/tp) logits of its sequences back to back; the
+log-prob pass runs on the packed logits (no padding) and its results are mapped back to the per-row layout, so the
+losses always see (B, T) tensors.
+
 Micro-batch keys: ``tokens`` (B,T) long, ``lengths`` (B,), ``loss_mask`` (B,T) float, plus per objective:
   pg (GRPO / OPD):     ``old_logprobs`` (B,T), ``advantages`` (B,T), optional ``ref_logprobs`` (B,T)
   fkl_topk:            ``teacher_topk_ids`` (B,T,K) long, ``teacher_topk_logprobs`` (B,T,K)
@@ -18,7 +22,17 @@ from dataclasses import dataclass
 import torch
 
 from megatron_s2d import losses
-from megatron_s2d.policy.logprobs import entropy, token_logprobs, topk_logprobs
+from megatron_s2d.policy.logprobs import token_logprobs, topk_logprobs
+
+
+# fp32 work elements per chunk of the log-prob pass (2^28 = 1 GiB per work buffer): rows of logits are processed this
+# many elements at a time, so the pass needs O(1 GiB) of temporaries whatever the micro-batch (16k tokens x 128k vocab
+# of bf16 logits is 4 GiB; an unchunked fp32 copy would add 8 GiB), and reuses its buffers across chunks
+CHUNK_ELEMS = 1 << 28
+
+
+def chunk_rows(logits: torch.Tensor) -> int:
+    return max(1, CHUNK_ELEMS // logits.shape[-1])
 
 
 def shifted(values: torch.Tensor) -> torch.Tensor:
@@ -27,11 +41,54 @@ def shifted(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([pad, values], dim=1)
 
 
-def target_logprobs(logits, tokens, tp_group, temperature: float = 1.0, ids: torch.Tensor | None = None):
-    """(B, T) log-probs of ``tokens`` (or (B, T, K) at ``ids``), aligned to predicted positions."""
-    targets = tokens[:, 1:] if ids is None else ids[:, 1:]
-    lp = token_logprobs(logits[:, :-1], targets, tp_group=tp_group, temperature=temperature)
-    return shifted(lp)
+# ----------------------------------------------------------------------------- packed micro-batches (batching.pack_rows)
+def is_packed(mb: dict) -> bool:
+    return "pack_index" in mb
+
+
+def to_packed(rows: torch.Tensor, mb: dict) -> torch.Tensor:
+    """(n, T, ...) per-row values -> (1, S, ...) in the micro-batch's packed order."""
+    valid = mb["pack_valid"]
+    return rows[valid].unsqueeze(0)
+
+
+def from_packed(packed: torch.Tensor, mb: dict) -> torch.Tensor:
+    """(1, S, ...) values at packed positions -> (n, T, ...) per row; position 0 of every row (predicted by the
+    previous sequence's last token) and positions past a row's length are zero. Differentiable."""
+    keep = mb["pack_valid"].clone()
+    keep[:, 0] = False
+    out = packed[0][mb["pack_index"]]  # (n, T, ...)
+    return out * keep.view(*keep.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+
+
+def _targets(mb: dict, ids_key: str | None) -> torch.Tensor:
+    if ids_key is None:
+        return mb["packed_tokens"] if is_packed(mb) else mb["tokens"]
+    return to_packed(mb[ids_key], mb) if is_packed(mb) else mb[ids_key]
+
+
+def _per_row(values: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Values computed from logits[:, :-1] -> per row, aligned to predicted positions."""
+    v = shifted(values)
+    return from_packed(v, mb) if is_packed(mb) else v
+
+
+def target_logprobs(logits, mb: dict, tp_group, temperature: float = 1.0, ids_key: str | None = None):
+    """(B, T) log-probs of the micro-batch's tokens (or (B, T, K) at ``mb[ids_key]``), aligned to predicted
+    positions; ``logits`` are the padded (B, T, V/tp) or packed (1, S, V/tp) logits of ``mb``."""
+    targets = _targets(mb, ids_key)
+    lp = token_logprobs(logits[:, :-1], targets[:, 1:], tp_group=tp_group, temperature=temperature,
+                        chunk_size=chunk_rows(logits))
+    return _per_row(lp, mb)
+
+
+def target_logprobs_and_entropy(logits, mb: dict, tp_group, temperature: float = 1.0, ids_key: str | None = None):
+    """Like :func:`target_logprobs`, plus the masked entropy sum metric from the same pass over the logits (the
+    train-step objectives report entropy; a second pass over (B, T, V) logits cost 5-10% of a step on an H100)."""
+    targets = _targets(mb, ids_key)
+    lp, ent = token_logprobs(logits[:, :-1], targets[:, 1:], tp_group=tp_group, temperature=temperature,
+                             chunk_size=chunk_rows(logits), return_entropy=True)
+    return _per_row(lp, mb), {"entropy_sum": (_per_row(ent, mb) * mb["loss_mask"]).sum()}
 
 
 @dataclass(frozen=True)
@@ -42,22 +99,16 @@ class Normalisers:
     num_seqs: float
 
 
-def _entropy_metrics(logits, mask, tp_group, temperature):
-    with torch.no_grad():
-        ent = shifted(entropy(logits[:, :-1].detach(), tp_group=tp_group, temperature=temperature))
-        return {"entropy_sum": (ent * mask).sum()}
-
-
 def logprob_values(tp_group, temperature: float = 1.0, topk: int = 0, ids_key: str | None = None):
     """Forward-only objective returning per-row log-probs (and top-k, or log-probs at given ids)."""
 
     def objective(logits, mb):
-        out = {"logprobs": target_logprobs(logits, mb["tokens"], tp_group, temperature)}
+        out = {"logprobs": target_logprobs(logits, mb, tp_group, temperature)}
         if topk:
-            vals, ids = topk_logprobs(logits[:, :-1], topk, tp_group=tp_group)
-            out["topk_logprobs"], out["topk_ids"] = shifted(vals), shifted(ids)
+            vals, ids = topk_logprobs(logits[:, :-1], topk, tp_group=tp_group, chunk_size=chunk_rows(logits))
+            out["topk_logprobs"], out["topk_ids"] = _per_row(vals, mb), _per_row(ids, mb)
         if ids_key:
-            out["logprobs_at_ids"] = target_logprobs(logits, mb["tokens"], tp_group, temperature, ids=mb[ids_key])
+            out["logprobs_at_ids"] = target_logprobs(logits, mb, tp_group, temperature, ids_key=ids_key)
         return logits.sum() * 0.0, out
 
     return objective
@@ -69,12 +120,12 @@ def policy_gradient(tp_group, norm: Normalisers, *, eps_low: float, eps_high: fl
 
     def objective(logits, mb):
         mask = mb["loss_mask"]
-        lp = target_logprobs(logits, mb["tokens"], tp_group, temperature)
+        lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature)
         loss, metrics = losses.clipped_pg_loss(
             lp, mb["old_logprobs"], mb["advantages"], mask, global_num_tokens=norm.num_tokens,
             global_num_seqs=norm.num_seqs, loss_agg=loss_agg, eps_low=eps_low, eps_high=eps_high,
             ref_logprobs=mb.get("ref_logprobs"), kl_beta=kl_beta)
-        metrics.update(_entropy_metrics(logits, mask, tp_group, temperature))
+        metrics.update(ent)
         return loss, metrics
 
     return objective
@@ -86,12 +137,12 @@ def forward_kl(tp_group, norm: Normalisers, *, mode: str, tail: bool = True):
     def objective(logits, mb):
         mask = mb["loss_mask"]
         if mode == "sampled":
-            lp = target_logprobs(logits, mb["tokens"], tp_group)
+            lp, ent = target_logprobs_and_entropy(logits, mb, tp_group)
             loss, metrics = losses.forward_kl_sampled(lp, mask, norm.num_tokens)
         else:
-            lp = target_logprobs(logits, mb["tokens"], tp_group, ids=mb["teacher_topk_ids"])
+            lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, ids_key="teacher_topk_ids")
             loss, metrics = losses.forward_kl_topk(lp, mb["teacher_topk_logprobs"], mask, norm.num_tokens, tail)
-        metrics.update(_entropy_metrics(logits, mask, tp_group, 1.0))
+        metrics.update(ent)
         return loss, metrics
 
     return objective
@@ -102,9 +153,9 @@ def reverse_kl_topk(tp_group, norm: Normalisers, *, tail: bool = True):
 
     def objective(logits, mb):
         mask = mb["loss_mask"]
-        lp = target_logprobs(logits, mb["tokens"], tp_group, ids=mb["student_topk_ids"])
+        lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, ids_key="student_topk_ids")
         loss, metrics = losses.reverse_kl_topk(lp, mb["teacher_logprobs_at_ids"], mask, norm.num_tokens, tail)
-        metrics.update(_entropy_metrics(logits, mask, tp_group, 1.0))
+        metrics.update(ent)
         return loss, metrics
 
     return objective

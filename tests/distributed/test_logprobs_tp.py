@@ -75,6 +75,10 @@ def _check_tp_matches_tp1(rank: int, world_size: int, seed: int) -> dict:
         torch.testing.assert_close(got, ref, **TOL)
         torch.testing.assert_close(got_grad, ref_grad[..., cols], **TOL)
         checks.append(f"entropy chunk={chunk_size}")
+        # the entropy fused into the log-prob pass (the train objectives' metric) under TP
+        _, fused = token_logprobs(shard, ids, group, chunk_size=chunk_size, return_entropy=True)
+        torch.testing.assert_close(fused, want, **TOL)
+        checks.append(f"fused entropy chunk={chunk_size}")
 
     for k in (1, 4, v_local + 3):  # k > V_local: the merged candidates must come from both ranks
         want_v, want_i = topk_logprobs(full, k)
@@ -97,7 +101,7 @@ def _check_tp_matches_tp1(rank: int, world_size: int, seed: int) -> dict:
 def test_tp2_matches_tp1():
     results = run_distributed(_check_tp_matches_tp1, world_size=2, timeout=120, seed=1234)
     assert [r["rank"] for r in results] == [0, 1]
-    assert len(results[0]["checks"]) == 8 + 2 + 3 + 1
+    assert len(results[0]["checks"]) == 8 + 2 + 2 + 3 + 1
     assert results[0]["checks"] == results[1]["checks"]
 
 

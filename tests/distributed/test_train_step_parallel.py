@@ -30,7 +30,7 @@ def _batch(n=8, t=24, vocab=128):
     return dict(tokens=tokens, lengths=lengths, loss_mask=mask), teacher_lp
 
 
-def _job(rank, world, tp, pp, kind, nan=False):
+def _job(rank, world, tp, pp, kind, nan=False, pack=False):
     from megatron.core import parallel_state as ps
 
     from checkpoints_convert.mapping import hf_shapes
@@ -47,7 +47,8 @@ def _job(rank, world, tp, pp, kind, nan=False):
     g = torch.Generator().manual_seed(1)
     init = {k: torch.randn(*s, generator=g) * 0.05 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    pol = MegatronPolicy(arch, ModelConfig(tp=tp, pp=pp), OptimConfig(lr=1e-2, adam_eps=1e-2, grad_clip=0.0))
+    pol = MegatronPolicy(arch, ModelConfig(tp=tp, pp=pp, pack_sequences=pack),
+                         OptimConfig(lr=1e-2, adam_eps=1e-2, grad_clip=0.0))
     load_hf_state(pol.module, arch, lambda n: init[n])
     batch, teacher_lp = _batch()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -56,6 +57,8 @@ def _job(rank, world, tp, pp, kind, nan=False):
     teacher_lp = teacher_lp[rows]
     tp_group = ps.get_tensor_model_parallel_group()
     old = pol.forward_values(batch, O.logprob_values(tp_group), 40)["logprobs"]
+    ids = torch.randint(0, 128, (8, 24, 3), generator=torch.Generator().manual_seed(5))[rows]
+    extra = pol.forward_values(dict(batch, ids=ids), O.logprob_values(tp_group, 0.7, topk=3, ids_key="ids"), 40)
     batch["old_logprobs"] = old
     if kind == "grpo":
         batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 1.5])[rows]
@@ -77,12 +80,13 @@ def _job(rank, world, tp, pp, kind, nan=False):
         return {"error": None}
     res = pol.train_step(batch, obj, 40)
     after = {k: v.clone() for k, v in export_hf_state(pol.module, arch)}
-    return {"metrics": res.metrics, "old": old, "rows": rows, "after": after,
+    return {"metrics": res.metrics, "old": old, "extra": extra, "rows": rows, "after": after,
+            "padded_tokens": res.padded_tokens,
             "changed": sum(not torch.equal(before[k], after[k]) for k in before), "n": len(before)}
 
 
 def _compare(ref, other, name):
-    for key in ("pg_loss_sum", "token_count", "ratio_max", "grad_norm"):
+    for key in ("pg_loss_sum", "token_count", "ratio_max", "grad_norm", "entropy_sum"):
         assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-6), (name, key)
     for k, v in ref["after"].items():
         torch.testing.assert_close(other["after"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
@@ -107,3 +111,20 @@ def test_nan_loss_stops_without_update():
     for o in outs:
         assert o["error"] and "non-finite" in o["error"]
         assert o["unchanged"]
+
+
+def test_packed_sequences_equal_padded_across_layouts():
+    """Packing (one row of whole sequences, block-diagonal attention) changes no value: log-probs, top-k, log-probs
+    at given ids, the GRPO step's loss, grad norm and updated weights equal the padded TP1 run, at TP1, TP2, PP2."""
+    ref = run_distributed(_job, world_size=1, tp=1, pp=1, kind="grpo")[0]
+    for name, world, tp, pp in (("packed-tp1", 1, 1, 1), ("packed-tp2", 2, 2, 1), ("packed-pp2", 2, 1, 2)):
+        out = run_distributed(_job, world_size=world, tp=tp, pp=pp, kind="grpo", pack=True)[0]
+        _compare(ref, out, name)
+        torch.testing.assert_close(out["old"], ref["old"], rtol=1e-5, atol=1e-5)
+        for k, v in ref["extra"].items():
+            if k == "topk_ids":
+                assert torch.equal(out["extra"][k], v), name
+            else:
+                torch.testing.assert_close(out["extra"][k], v, rtol=1e-5, atol=1e-5, msg=f"{name}: {k}")
+        real = int(sum(_batch()[0]["lengths"]))
+        assert out["padded_tokens"] == real < ref["padded_tokens"], name  # nothing is padding when packed

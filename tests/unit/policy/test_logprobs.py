@@ -182,3 +182,24 @@ def test_bad_inputs_raise_clear_errors():
         topk_logprobs(logits, V + 1)
     with pytest.raises(S2DError, match="NaN"):
         topk_logprobs(torch.full((1, 1, 4), float("nan")), 2)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fused_entropy_equals_entropy_and_leaves_logprob_grads_unchanged(chunk_size, temperature):
+    logits = _logits(seed=8)
+    logits[0, :, 45:] = float("-inf")  # masked vocab rows must not turn the fused entropy into NaN
+    ids = _ids((B, T, 2), seed=9) % 40
+    w = torch.randn(B, T, 2, dtype=torch.float32)
+    kw = dict(chunk_size=chunk_size, temperature=temperature)
+    lp, ent = token_logprobs(logits, ids, return_entropy=True, **kw)
+    assert ent.shape == (B, T) and ent.dtype == torch.float32 and not ent.requires_grad
+    torch.testing.assert_close(ent, entropy(logits, **kw), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp, token_logprobs(logits, ids, **kw), atol=0, rtol=0)
+    got = _grad(lambda x: token_logprobs(x, ids, return_entropy=True, **kw)[0], logits, w)
+    want = _grad(lambda x: token_logprobs(x, ids, **kw), logits, w)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # fp64 stays fp64
+    lp64, ent64 = token_logprobs(logits.double(), ids, return_entropy=True, **kw)
+    assert ent64.dtype == torch.float64
+    torch.testing.assert_close(ent64, entropy(logits.double(), **kw), atol=1e-10, rtol=0)
