@@ -153,7 +153,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_plan(path: str | Path, overrides: list[str] | None = None) -> PlanConfig:
     """Read a plan YAML (with ``base`` inheritance), apply overrides, type-check, and validate it."""
-    from megatron_s2d.config.validate import validate_plan
+    from megatron_s2d.config.validate import resolve_engines, validate_plan
 
     path = Path(path)
     data = apply_overrides(_read_yaml(path), overrides or [])
@@ -166,6 +166,7 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> PlanConfi
         plan = from_dict(PlanConfig, data)
     except S2DError as e:
         raise S2DError(f"{path}: {e}") from e
+    resolve_engines(plan)
     validate_plan(plan, where=str(path))
     return plan
 

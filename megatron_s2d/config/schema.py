@@ -58,7 +58,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["megatron", "vllm"] = "megatron"
+    # "auto": vLLM when the generating model is at tp = pp = 1, else the megatron sampler (resolved at load time)
+    engine: Literal["megatron", "vllm", "auto"] = "megatron"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filtering

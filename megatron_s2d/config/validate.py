@@ -120,6 +120,50 @@ def label_ledger(plan: PlanConfig) -> dict[str, list[str]]:
                             if consumes_labels(by_name[a])}) for s in plan.stages}
 
 
+def generating_model(stage: StageConfig) -> str:
+    """The model whose samples a stage trains on: the teacher for the forward-KL warmup, else the policy."""
+    return "teacher" if stage.kind == "fkl_warmup" else policy_model(stage)
+
+
+def resolve_engines(plan: PlanConfig) -> None:
+    """Replace ``rollout.engine: auto`` by the engine that serves the generating model's layout."""
+    for s in plan.stages:
+        if s.rollout.engine == "auto":
+            m = plan.models.get(generating_model(s))
+            s.rollout.engine = "vllm" if m is not None and m.tp == 1 and m.pp == 1 else "megatron"
+
+
+def generations(plan: PlanConfig) -> list[tuple[str, str, str]]:
+    """Every generation the plan runs: (what, the model role that generates, engine)."""
+    out = []
+    for s in plan.stages:
+        out.append((f"stages.{s.name}.rollout", generating_model(s), s.rollout.engine))
+        if s.eval:
+            out.append((f"stages.{s.name} (final evaluation)", policy_model(s), "megatron"))
+    if plan.eval.include_base:
+        out += [("eval.include_base", "teacher", "megatron"), ("eval.include_base", "student", "megatron")]
+    return out
+
+
+def _check_generations(plan: PlanConfig, where: str) -> None:
+    """Refuse at plan time (and in --dry-run) a generation no engine of this release can serve, instead of hours into
+    a SLURM job: vLLM serves models at tp = pp = 1 (one engine per rank), the megatron sampler models at pp = 1."""
+    if plan.eval.engine == "vllm":
+        raise S2DError(f"{where}: eval.engine = 'vllm': evaluation inside a plan runs on the megatron sampler in this "
+                       "release; set eval.engine: megatron (run `s2d eval --engine vllm` on an exported checkpoint for "
+                       "vLLM evaluation)")
+    for what, role, engine in generations(plan):
+        m = plan.models[role]
+        if engine == "vllm" and (m.tp > 1 or m.pp > 1):
+            raise S2DError(f"{where}: {what} generates with the {role} (tp={m.tp}, pp={m.pp}) on vLLM, which this "
+                           f"release runs only for tp = pp = 1 models; set {what}.engine: megatron (needs pp = 1) "
+                           f"or lay the {role} out at tp = pp = 1")
+        if m.pp > 1:
+            raise S2DError(f"{where}: {what} generates with the {role} at pp={m.pp}: neither engine of this release "
+                           f"generates with a pipeline-parallel model (megatron sampler: pp = 1; vLLM: tp = pp = 1); "
+                           f"lay the {role} out at pp = 1, or drop the stages that make it generate")
+
+
 def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
     if not plan.stages:
         raise S2DError(f"{where}: 'stages' is empty")
@@ -158,6 +202,7 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
                 f"stage {used[s.split]!r}; use another split, or set replay: true (the matched-replay control)")
     if plan.launch.nodes < 1 or plan.launch.procs_per_node < 1:
         raise S2DError(f"{where}: launch.nodes and launch.procs_per_node must be >= 1")
+    _check_generations(plan, where)
     world = plan.launch.nodes * plan.launch.procs_per_node
     for role, m in plan.models.items():
         if world % (m.tp * m.pp):

@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_s2d.config.schema import ModelConfig, PlanConfig, StageConfig
+from megatron_s2d.config.validate import generating_model
 from megatron_s2d.models.arch import ArchSpec
 
 GIB = 2**30
@@ -164,7 +165,7 @@ def estimate_stage_memory(plan: PlanConfig, stage: StageConfig, archs: dict[str,
     elif stage.grpo.kl_beta > 0:
         teacher = p * wb  # frozen reference policy at the policy's layout
         act = max(act, scoring_bytes(arch, m.tp, tokens, wb))
-    gen_role = "teacher" if stage.kind == "fkl_warmup" else role
+    gen_role = generating_model(stage)
     rollout = engine_bytes(archs[gen_role], plan.models[gen_role], stage.rollout.engine, stage.rollout.max_new_tokens)
     if stage.eval:
         rollout = max(rollout, engine_bytes(arch, m, plan.eval.engine, plan.eval.max_new_tokens))

@@ -105,3 +105,38 @@ def test_shipped_toy_plan_loads():
     kinds = {s.kind for s in plan.stages}
     assert kinds == {"teacher_rl", "fkl_warmup", "opd", "student_rl"}
     assert {"cold_grpo", "opd_only", "teacher_sample_sft"} <= {s.control for s in plan.stages}
+
+
+def _two_layouts(teacher=None, student=None, **extra):
+    d = _with(**extra)
+    d["launch"] = {"nodes": 1, "procs_per_node": 8}
+    d["models"]["teacher"].update(teacher or {})
+    d["models"]["student"].update(student or {})
+    return d
+
+
+def test_rollout_engine_auto_follows_the_generating_models_layout(tmp_path):
+    d = _two_layouts(teacher={"tp": 2}, stage_defaults={**BASE["stage_defaults"], "rollout": {"engine": "auto"}})
+    plan = load_plan(_write(tmp_path, d))
+    engines = {s.name: s.rollout.engine for s in plan.stages}
+    # the teacher (tp=2) generates in teacher_rl and in the forward-KL warmup; the student (tp=1) elsewhere
+    assert engines == {"t_rl": "megatron", "fkl": "megatron", "opd": "vllm", "s_rl": "vllm"}
+
+
+@pytest.mark.parametrize("teacher,rollout,eval_engine,match", [
+    ({"tp": 2}, {"engine": "vllm"}, "megatron", r"stages.t_rl.rollout generates with the teacher \(tp=2, pp=1\) on vLLM"),
+    ({"pp": 2}, {"engine": "megatron"}, "megatron", r"stages.t_rl.rollout generates with the teacher at pp=2"),
+    ({}, {"engine": "megatron"}, "vllm", r"eval.engine = 'vllm': evaluation inside a plan runs on the megatron"),
+])
+def test_generation_no_engine_can_serve_is_refused_at_load(tmp_path, teacher, rollout, eval_engine, match):
+    d = _two_layouts(teacher=teacher, stage_defaults={**BASE["stage_defaults"], "rollout": rollout},
+                     eval={"engine": eval_engine})
+    with pytest.raises(S2DError, match=match):
+        load_plan(_write(tmp_path, d))
+
+
+def test_pipeline_parallel_teacher_that_only_scores_is_fine(tmp_path):
+    stages = [{"name": "opd", "kind": "opd", "teacher": "base", "split": "1H"}]
+    d = _two_layouts(teacher={"tp": 2, "pp": 2}, stages=stages, eval={"include_base": False})
+    plan = load_plan(_write(tmp_path, d))
+    assert plan.models["teacher"].pp == 2
