@@ -147,7 +147,7 @@ def generations(plan: PlanConfig) -> list[tuple[str, str, str]]:
 
 def _check_generations(plan: PlanConfig, where: str) -> None:
     """Refuse at plan time (and in --dry-run) a generation no engine of this release can serve, instead of hours into
-    a SLURM job: vLLM serves models at tp = pp = 1 (one engine per rank), the megatron sampler models at pp = 1."""
+    a SLURM job: vLLM serves models at tp = pp = 1 (one engine per rank); the megatron sampler any TP/PP layout."""
     if plan.eval.engine == "vllm":
         raise S2DError(f"{where}: eval.engine = 'vllm': evaluation inside a plan runs on the megatron sampler in this "
                        "release; set eval.engine: megatron (run `s2d eval --engine vllm` on an exported checkpoint for "
@@ -156,12 +156,8 @@ def _check_generations(plan: PlanConfig, where: str) -> None:
         m = plan.models[role]
         if engine == "vllm" and (m.tp > 1 or m.pp > 1):
             raise S2DError(f"{where}: {what} generates with the {role} (tp={m.tp}, pp={m.pp}) on vLLM, which this "
-                           f"release runs only for tp = pp = 1 models; set {what}.engine: megatron (needs pp = 1) "
+                           f"release runs only for tp = pp = 1 models; set {what}.engine: megatron (or auto) "
                            f"or lay the {role} out at tp = pp = 1")
-        if m.pp > 1:
-            raise S2DError(f"{where}: {what} generates with the {role} at pp={m.pp}: neither engine of this release "
-                           f"generates with a pipeline-parallel model (megatron sampler: pp = 1; vLLM: tp = pp = 1); "
-                           f"lay the {role} out at pp = 1, or drop the stages that make it generate")
 
 
 def validate_plan(plan: PlanConfig, where: str = "plan") -> None:

@@ -1,4 +1,4 @@
-"""KV-cached sampling on the live megatron-core policy (TP >= 1, PP = 1): the rollout engine that needs nothing extra.
+"""KV-cached sampling on the live megatron-core policy (TP >= 1, PP >= 1): the rollout engine that needs nothing extra.
 
     sampler = MegatronSampler(model, arch, eos_token_ids=[tok.eos_id])
     result = sampler.generate([[1, 5, 9], [1, 7]], SamplingParams(n=4, temperature=1.0, max_new_tokens=64, seed=step))
@@ -34,8 +34,10 @@ How it works
   truncation, fp32, computed with ``policy.logprobs.token_logprobs`` (the trainer's function). With
   ``temperature == 0`` (greedy) they are the untempered (T = 1) log-probs. Stop tokens are kept in the response
   (finish_reason "stop"); the engine's ``eos_token_ids`` always stop, in addition to ``params.stop_token_ids``.
-- Pipeline parallelism is refused (use the vLLM engine). Sequence parallelism is refused (one-token decode steps
-  cannot be split along the sequence).
+- Pipeline parallelism: each forward runs stage by stage (hidden states sent to the next stage, each stage keeping
+  the KV cache of its own layers); the last stage's (b, V) logits are broadcast over the pipeline group, so every
+  rank runs the same sampling loop and returns the same samples. All ranks of the model-parallel group must call
+  ``generate`` together. Sequence parallelism is refused (one-token decode steps cannot be split along the sequence).
 """
 
 from __future__ import annotations
@@ -136,12 +138,17 @@ class MegatronSampler:
     ):
         core = _unwrap(model)
         pp_group = getattr(core.pg_collection, "pp", None)
-        pp = pp_group.size() if pp_group is not None else 1
-        if pp > 1 or not (core.pre_process and core.post_process):
-            raise S2DError(
-                f"MegatronSampler needs the whole model on every rank (pipeline_parallel = 1), got "
-                f"pipeline_parallel = {pp}: use the vLLM engine (rollout engine 'vllm') for pipeline-parallel generation"
-            )
+        self.pp_group = pp_group if pp_group is not None and pp_group.size() > 1 else None
+        if self.pp_group is not None:
+            pp, stage = self.pp_group.size(), dist.get_rank(self.pp_group)
+            if core.pre_process != (stage == 0) or core.post_process != (stage == pp - 1):
+                raise S2DError(f"MegatronSampler: pipeline stage {stage} of {pp} has pre_process={core.pre_process}, "
+                               f"post_process={core.post_process}: build the model for this pipeline rank")
+            self.pp_ranks = [dist.get_global_rank(self.pp_group, i) for i in range(pp)]
+            self.pp_stage = stage
+        elif not (core.pre_process and core.post_process):
+            raise S2DError("MegatronSampler: the model is one pipeline stage but no pipeline group was found "
+                           "(model.pg_collection.pp)")
         if core.config.sequence_parallel:
             raise S2DError("MegatronSampler: sequence_parallel = True is not supported for KV-cached decoding; "
                            "build the policy without sequence parallelism or use the vLLM engine")
@@ -210,24 +217,49 @@ class MegatronSampler:
         validate_request(prompts, params, self.arch.vocab_size, self.arch.max_position_embeddings)
 
     def _check_same_across_tp(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        """Every TP rank must run the same generation (each decode step is a collective): compare a checksum."""
-        if self.tp_size == 1:
+        """Every rank of the model-parallel group (TP and PP) must run the same generation (each decode step is a
+        collective): compare a checksum over each group."""
+        groups = [(g, name) for g, size, name in ((self.tp_group, self.tp_size, "tensor"),
+                                                  (self.pp_group, 2 if self.pp_group is not None else 1, "pipeline"))
+                  if size > 1]
+        if not groups:
             return
         crc = zlib.crc32(repr(params).encode())
         for p in prompts:
             crc = zlib.crc32(repr(p).encode(), crc)
-        t = torch.tensor([crc, -crc], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.tp_group)
-        if t[0].item() != -t[1].item():
-            raise S2DError("MegatronSampler.generate: the ranks of a tensor-parallel group were given different "
-                           "prompts or sampling params; every TP rank must pass the same ones")
+        for group, name in groups:
+            t = torch.tensor([crc, -crc], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            if t[0].item() != -t[1].item():
+                raise S2DError(f"MegatronSampler.generate: the ranks of a {name}-parallel group were given different "
+                               f"prompts or sampling params; every rank of the group must pass the same ones")
 
     # ------------------------------------------------------------------------------------------- generation
 
     def _forward(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
-        """(b, s) token ids -> (b, V) fp32-or-model-dtype logits of the last position, full vocab."""
-        out = self.core(input_ids, None, None, inference_context=ctx, runtime_gather_output=True)  # (b, 1, V)
-        return out[:, -1]
+        """(b, s) token ids -> (b, V) fp32-or-model-dtype logits of the last position, full vocab.
+
+        Pipeline parallel: every stage runs its layers (hidden states (s, b, h) passed stage to stage), and the last
+        stage's logits are broadcast over the pipeline group, so every rank runs the same sampling loop.
+        """
+        if self.pp_group is None:
+            out = self.core(input_ids, None, None, inference_context=ctx, runtime_gather_output=True)  # (b, 1, V)
+            return out[:, -1]
+        b, s = input_ids.shape
+        stage, last = self.pp_stage, len(self.pp_ranks) - 1
+        if stage > 0:
+            hidden = torch.empty((s, b, self.core.config.hidden_size), dtype=self.core.config.params_dtype,
+                                 device=self.device)
+            dist.recv(hidden, src=self.pp_ranks[stage - 1], group=self.pp_group)
+            self.core.set_input_tensor(hidden)
+        out = self.core(input_ids, None, None, inference_context=ctx, runtime_gather_output=True)
+        if stage < last:
+            dist.send(out.contiguous(), dst=self.pp_ranks[stage + 1], group=self.pp_group)  # (s, b, h)
+            logits = torch.empty((b, self.arch.vocab_size), dtype=torch.float32, device=self.device)
+        else:
+            logits = out[:, -1].float().contiguous()
+        dist.broadcast(logits, src=self.pp_ranks[last], group=self.pp_group)
+        return logits
 
     def _prefill(self, ids: torch.Tensor, max_seq: int):
         """Prefill unique prompt prefixes ``ids`` (u, L); returns (the inference context, (u, V) logits)."""

@@ -68,3 +68,43 @@ def test_tp2_generation_equals_tp1():
                 torch.testing.assert_close(torch.tensor(b[4]), torch.tensor(a[4]), atol=1e-5, rtol=0)
     sampled = res[0]["tp2"][1]
     assert {s[1] for s in sampled} == {"stop", "length"} and len({tuple(s[0]) for s in sampled}) > 3
+
+
+def _generate_pp1_then_pp2(rank: int, world_size: int, seed: int) -> dict:
+    """Same HF-named weights loaded at PP=1 (as DP=2) and at PP=2 (tied embeddings: the last stage keeps a copy)."""
+    from checkpoints_convert.mapping import hf_shapes
+    from megatron_s2d.models import ModelOptions, arch_from_hf_config, build_gpt_model
+    from megatron_s2d.rollout import MegatronSampler, SamplingParams
+    from megatron_s2d.runtime.dist import init_distributed
+    from megatron_s2d.runtime.model_ckpt import load_hf_state
+
+    arch = arch_from_hf_config(TINY)
+    g = torch.Generator().manual_seed(4)
+    weights = {k: torch.randn(*s, generator=g) * 0.2 for k, s in sorted(hf_shapes(arch).items())}
+    weights = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in weights.items()}
+    prompts = [torch.randint(0, arch.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    runs = [SamplingParams(n=2, temperature=0.0, max_new_tokens=8, stop_token_ids=(5, 6, 7)),
+            SamplingParams(n=3, temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=8, logprob_topk=3,
+                           stop_token_ids=tuple(range(16)), seed=seed)]
+    out = {}
+    for pp in (1, 2):
+        init_distributed(1, pp)
+        model = build_gpt_model(arch, ModelOptions(use_te="no"))
+        load_hf_state(model, arch, lambda k: weights[k])
+        sampler = MegatronSampler(model, arch, max_batch_tokens=70)  # several chunks, and compaction
+        out[f"pp{pp}"] = [_flat(sampler.generate(prompts, p)) for p in runs]
+    return out
+
+
+def test_pp2_generation_equals_pp1():
+    res = run_distributed(_generate_pp1_then_pp2, world_size=2, timeout=120, seed=23)
+    assert res[0]["pp2"] == res[1]["pp2"], "both pipeline stages must return identical samples"
+    for mode, (pp1, pp2) in enumerate(zip(res[0]["pp1"], res[0]["pp2"])):
+        assert [s[:2] for s in pp2] == [s[:2] for s in pp1], f"run {mode}: tokens/finish differ between PP=2 and PP=1"
+        for a, b in zip(pp1, pp2):
+            torch.testing.assert_close(torch.tensor(b[2]), torch.tensor(a[2]), atol=1e-5, rtol=0)
+            if mode == 1:
+                assert b[3] == a[3]
+                torch.testing.assert_close(torch.tensor(b[4]), torch.tensor(a[4]), atol=1e-5, rtol=0)
+    sampled = res[0]["pp2"][1]
+    assert len({tuple(s[0]) for s in sampled}) > 3

@@ -43,7 +43,7 @@ def test_gpu_recipes_use_real_model_sizes(tmp_path):
     plan = load_plan(REPO_ROOT / "run_configs" / "llama3.3_70b_to_llama3.1_8b.yaml", [f"run_dir={tmp_path}"])
     planned = launch_plan(plan, str(tmp_path / "plan.resolved.yaml"), executor="slurm", dry_run=True)
     opd = next(c for c in planned.checks if c.job.name == "opd")
-    assert opd.layouts == {"student": (2, 1, 16), "teacher": (8, 1, 4)}
+    assert opd.layouts == {"student": (2, 1, 16), "teacher": (8, 2, 2)}
     assert round(opd.params["teacher"] / 1e9, 2) == 70.55 and round(opd.params["student"] / 1e9, 2) == 8.03
 
 

@@ -125,7 +125,7 @@ def test_rollout_engine_auto_follows_the_generating_models_layout(tmp_path):
 
 @pytest.mark.parametrize("teacher,rollout,eval_engine,match", [
     ({"tp": 2}, {"engine": "vllm"}, "megatron", r"stages.t_rl.rollout generates with the teacher \(tp=2, pp=1\) on vLLM"),
-    ({"pp": 2}, {"engine": "megatron"}, "megatron", r"stages.t_rl.rollout generates with the teacher at pp=2"),
+    ({"pp": 2}, {"engine": "vllm"}, "megatron", r"stages.t_rl.rollout generates with the teacher \(tp=1, pp=2\)"),
     ({}, {"engine": "megatron"}, "vllm", r"eval.engine = 'vllm': evaluation inside a plan runs on the megatron"),
 ])
 def test_generation_no_engine_can_serve_is_refused_at_load(tmp_path, teacher, rollout, eval_engine, match):
@@ -135,8 +135,7 @@ def test_generation_no_engine_can_serve_is_refused_at_load(tmp_path, teacher, ro
         load_plan(_write(tmp_path, d))
 
 
-def test_pipeline_parallel_teacher_that_only_scores_is_fine(tmp_path):
-    stages = [{"name": "opd", "kind": "opd", "teacher": "base", "split": "1H"}]
-    d = _two_layouts(teacher={"tp": 2, "pp": 2}, stages=stages, eval={"include_base": False})
+def test_pipeline_parallel_teacher_generates_with_the_megatron_sampler(tmp_path):
+    d = _two_layouts(teacher={"tp": 2, "pp": 2}, stage_defaults={**BASE["stage_defaults"], "rollout": {"engine": "auto"}})
     plan = load_plan(_write(tmp_path, d))
-    assert plan.models["teacher"].pp == 2
+    assert {s.name: s.rollout.engine for s in plan.stages}["t_rl"] == "megatron"
