@@ -27,8 +27,9 @@ class ModelConfig:
     fp8: Literal["delayed", "tensorwise", "blockwise"] | None = None  # TE FP8 recipe for training/scoring
     recompute: bool = False  # full activation recomputation
     # sequence packing: a micro-batch is one row of concatenated sequences (no padding), attention kept within each
-    # sequence. "auto": pack with Transformer Engine (THD varlen attention kernels); pad with the local spec, whose
-    # dense attention over a packed row would cost total^2 instead of sum(len^2). true/false force it.
+    # sequence (THD cu_seqlens with Transformer Engine; a block-diagonal mask with the local spec, whose dense
+    # attention then costs total^2 instead of sum(len^2)). "auto" = false until the THD path has run on a GPU
+    # (tests/gpu/test_packing_gpu.py); not with fp8 (FP8 GEMMs need 16-token padding per sequence).
     pack_sequences: Literal["auto"] | bool = "auto"
 
 

@@ -55,6 +55,14 @@ class MegatronPolicy:
         self.arch = arch
         self.model_cfg = model_cfg
         self.trainable = optim is not None
+        pack = model_cfg.pack_sequences
+        if pack not in ("auto", True, False):
+            raise S2DError(f"model.pack_sequences = {pack!r}; expected 'auto', true or false")
+        # "auto" pads for now: the THD path (Transformer Engine) has a GPU test that has not run yet
+        self.pack_sequences = False if pack == "auto" else pack
+        if self.pack_sequences and model_cfg.fp8:
+            raise S2DError("model.pack_sequences with model.fp8: FP8 GEMMs need each packed sequence padded to a "
+                           "multiple of 16 tokens, which is not implemented; set pack_sequences: false (or auto)")
         # a layout of its own (runtime.groups.ModelGroups) is for frozen models only: training needs megatron's
         # global groups (DDP, the optimizer, finalize_model_grads)
         self.groups = groups if groups is not None and not groups.is_global else None
@@ -80,10 +88,6 @@ class MegatronPolicy:
             self.is_last_stage = g.pp_rank == g.pp - 1
             self.pp_last_rank = torch.distributed.get_global_rank(self.pp_group, g.pp - 1)
         self.uses_te = bool(getattr(model, "s2d_uses_te", False))
-        pack = model_cfg.pack_sequences
-        if pack not in ("auto", True, False):
-            raise S2DError(f"model.pack_sequences = {pack!r}; expected 'auto', true or false")
-        self.pack_sequences = self.uses_te if pack == "auto" else pack
         self.optimizer = self.scheduler = None
         if self.trainable:
             model.config.calculate_per_token_loss = True
@@ -200,7 +204,9 @@ class MegatronPolicy:
         """The schedule's outputs live on the last pipeline stage: broadcast them to the other stages."""
         if self.pp_size == 1:
             return store
-        obj = [store if self.is_last_stage else None]
+        # CPU tensors: pickled CUDA tensors would be rebuilt on the sender's device index on every receiver
+        cpu = [{k: v.detach().cpu() for k, v in d.items()} for d in store] if self.is_last_stage else None
+        obj = [cpu]
         torch.distributed.broadcast_object_list(obj, src=self.pp_last_rank, group=self.pp_group)
         return obj[0]
 

@@ -61,23 +61,28 @@ def from_packed(packed: torch.Tensor, mb: dict) -> torch.Tensor:
     return out * keep.view(*keep.shape, *([1] * (out.dim() - 2))).to(out.dtype)
 
 
-def _targets(mb: dict, ids_key: str | None) -> torch.Tensor:
+def _next_targets(mb: dict, ids_key: str | None) -> torch.Tensor:
+    """What each position's logits predict: the next token (or ``mb[ids_key]`` at the next position), with a dummy id
+    0 after the last position. Working on all T logit positions (and dropping the last value) instead of slicing
+    ``logits[:, :-1]`` keeps the logits a view: the slice of a (B > 1, T, V) tensor is not contiguous and flattening
+    it would copy all of the logits."""
     if ids_key is None:
-        return mb["packed_tokens"] if is_packed(mb) else mb["tokens"]
-    return to_packed(mb[ids_key], mb) if is_packed(mb) else mb[ids_key]
+        t = mb["packed_tokens"] if is_packed(mb) else mb["tokens"]
+    else:
+        t = to_packed(mb[ids_key], mb) if is_packed(mb) else mb[ids_key]
+    return torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], dim=1)
 
 
 def _per_row(values: torch.Tensor, mb: dict) -> torch.Tensor:
-    """Values computed from logits[:, :-1] -> per row, aligned to predicted positions."""
-    v = shifted(values)
+    """Values at every logit position (position i predicts i + 1) -> per row, aligned to predicted positions."""
+    v = shifted(values[:, :-1])
     return from_packed(v, mb) if is_packed(mb) else v
 
 
 def target_logprobs(logits, mb: dict, tp_group, temperature: float = 1.0, ids_key: str | None = None):
     """(B, T) log-probs of the micro-batch's tokens (or (B, T, K) at ``mb[ids_key]``), aligned to predicted
     positions; ``logits`` are the padded (B, T, V/tp) or packed (1, S, V/tp) logits of ``mb``."""
-    targets = _targets(mb, ids_key)
-    lp = token_logprobs(logits[:, :-1], targets[:, 1:], tp_group=tp_group, temperature=temperature,
+    lp = token_logprobs(logits, _next_targets(mb, ids_key), tp_group=tp_group, temperature=temperature,
                         chunk_size=chunk_rows(logits))
     return _per_row(lp, mb)
 
@@ -85,8 +90,7 @@ def target_logprobs(logits, mb: dict, tp_group, temperature: float = 1.0, ids_ke
 def target_logprobs_and_entropy(logits, mb: dict, tp_group, temperature: float = 1.0, ids_key: str | None = None):
     """Like :func:`target_logprobs`, plus the masked entropy sum metric from the same pass over the logits (the
     train-step objectives report entropy; a second pass over (B, T, V) logits cost 5-10% of a step on an H100)."""
-    targets = _targets(mb, ids_key)
-    lp, ent = token_logprobs(logits[:, :-1], targets[:, 1:], tp_group=tp_group, temperature=temperature,
+    lp, ent = token_logprobs(logits, _next_targets(mb, ids_key), tp_group=tp_group, temperature=temperature,
                              chunk_size=chunk_rows(logits), return_entropy=True)
     return _per_row(lp, mb), {"entropy_sum": (_per_row(ent, mb) * mb["loss_mask"]).sum()}
 
@@ -105,7 +109,7 @@ def logprob_values(tp_group, temperature: float = 1.0, topk: int = 0, ids_key: s
     def objective(logits, mb):
         out = {"logprobs": target_logprobs(logits, mb, tp_group, temperature)}
         if topk:
-            vals, ids = topk_logprobs(logits[:, :-1], topk, tp_group=tp_group, chunk_size=chunk_rows(logits))
+            vals, ids = topk_logprobs(logits, topk, tp_group=tp_group, chunk_size=chunk_rows(logits))
             out["topk_logprobs"], out["topk_ids"] = _per_row(vals, mb), _per_row(ids, mb)
         if ids_key:
             out["logprobs_at_ids"] = target_logprobs(logits, mb, tp_group, temperature, ids_key=ids_key)

@@ -21,6 +21,7 @@ so how rows are grouped into micro-batches does not matter): see tests/distribut
 from __future__ import annotations
 
 import bisect
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -33,19 +34,22 @@ from megatron_s2d.runtime.exchange import exchange
 def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
     """Cut ``weights`` into ``parts`` contiguous [lo, hi) ranges of about equal total weight (some may be empty).
 
-    Boundary k sits where the running total first reaches k/parts of the whole, so each part's weight is within
-    one item of the ideal.
+    Boundary k goes to whichever item edge lies nearer to k/parts of the running total, so each part's weight is
+    within one item of the ideal.
     """
     if parts < 1:
         raise ValueError(f"balanced_split: parts must be >= 1, got {parts}")
-    cum, total = [], 0
+    cum = [0]
     for w in weights:
-        total += w
-        cum.append(total)
+        cum.append(cum[-1] + w)
+    total = cum[-1]
     bounds = [0]
     for k in range(1, parts):
-        bounds.append(max(bounds[-1], bisect.bisect_left(cum, total * k / parts) + (1 if cum else 0)))
-        bounds[-1] = min(bounds[-1], len(weights))
+        target = total * k / parts
+        i = bisect.bisect_left(cum, target)  # first edge with running total >= target
+        if i > 0 and (i == len(cum) or target - cum[i - 1] <= cum[i] - target):
+            i -= 1
+        bounds.append(min(max(bounds[-1], i), len(weights)))
     bounds.append(len(weights))
     return [(bounds[k], bounds[k + 1]) for k in range(parts)]
 
@@ -59,21 +63,22 @@ class Routing:
     pieces: list[list[tuple[int, int]]]  # replica -> [(stage DP rank, row index), ...] in global order
 
     @staticmethod
-    def plan(announced: list[tuple[int, list[int]]], replicas: int) -> "Routing":
-        """``announced[rank] = (stage_dp_rank, row lengths)`` for every global rank."""
+    def plan(announced: list[tuple], replicas: int, what: str = "scorer") -> "Routing":
+        """``announced[rank] = (stage_dp_rank, row weights, fingerprint)`` for every global rank; ranks of one stage
+        DP rank must announce the same weights and fingerprint (a checksum of their rows)."""
         source: dict[int, int] = {}
-        lengths: dict[int, list[int]] = {}
-        for rank, (s, lens) in enumerate(announced):
+        seen: dict[int, tuple] = {}
+        for rank, (s, lens, *finger) in enumerate(announced):
             if s not in source:
-                source[s], lengths[s] = rank, list(lens)
-            elif lengths[s] != list(lens):
-                raise S2DError(f"scorer: ranks {source[s]} and {rank} are both stage data-parallel rank {s} but hold "
-                               f"different rows (lengths {lengths[s][:8]}... vs {list(lens)[:8]}...); every rank of a "
-                               "data-parallel group must pass the same batch")
+                source[s], seen[s] = rank, (list(lens), finger)
+            elif seen[s] != (list(lens), finger):
+                raise S2DError(f"{what}: ranks {source[s]} and {rank} are both stage data-parallel rank {s} but hold "
+                               f"different rows; every rank of a data-parallel group must pass the same batch")
+        lengths = {s: v[0] for s, v in seen.items()}
         rows = [(s, i) for s in sorted(source) for i in range(len(lengths[s]))]
         weights = [lengths[s][i] for s, i in rows]
         pieces = [rows[lo:hi] for lo, hi in balanced_split(weights, replicas)]
-        return Routing(source=source, stage_dp_of=[s for s, _ in announced], pieces=pieces)
+        return Routing(source=source, stage_dp_of=[a[0] for a in announced], pieces=pieces)
 
 
 def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -133,7 +138,8 @@ class FrozenScorer:
             return self.model.forward_values(batch, objective, micro_batch_tokens)
         g, me = self.groups, dist.get_rank()
         announced: list = [None] * dist.get_world_size()
-        dist.all_gather_object(announced, (self.stage_dp_rank, batch["lengths"].tolist()))
+        finger = zlib.crc32(batch["tokens"].cpu().numpy().tobytes())
+        dist.all_gather_object(announced, (self.stage_dp_rank, batch["lengths"].tolist(), finger))
         route = Routing.plan(announced, g.dp)
 
         # 3. sources send each replica its rows
@@ -168,7 +174,8 @@ class FrozenScorer:
             for s, js in by_stage.items():
                 sel = torch.tensor(js, dtype=torch.long)
                 t = int(max(announced[route.source[s]][1][piece[j][1]] for j in js))
-                payloads[s] = ([piece[j][1] for j in js], {k: v.index_select(0, sel)[:, :t] for k, v in values.items()})
+                payloads[s] = ([piece[j][1] for j in js],
+                               {k: v.index_select(0, sel)[:, :t].contiguous() for k, v in values.items()})
             for dst, s in enumerate(route.stage_dp_of):
                 if s in payloads:
                     send[dst] = payloads[s]

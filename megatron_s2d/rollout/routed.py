@@ -45,16 +45,16 @@ class RoutedEngine:
         announced: list = [None] * dist.get_world_size()
         budget = [len(p) + params.max_new_tokens for p in prompts]
         dist.all_gather_object(announced, (self.stage_dp_rank, budget, prompts, params))
-        route = Routing.plan([(s, b) for s, b, _, _ in announced], g.dp)
-        for rank, (s, _, p, _) in enumerate(announced):
-            if p != announced[route.source[s]][2]:
-                raise S2DError(f"routed generation: ranks {route.source[s]} and {rank} are both stage data-parallel "
-                               f"rank {s} but were given different prompts")
+        # every check runs on every rank on the same gathered data, so all ranks fail together (no rank is left
+        # waiting in a collective)
+        route = Routing.plan([(s, b, p) for s, b, p, _ in announced], g.dp, what="routed generation")
+        by_source = {s: announced[r][3] for s, r in route.source.items()}
+        _replica_params(by_source, 0)  # all sources must agree on everything but the seed
         piece = route.pieces[g.dp_rank]
         send = {}
         if piece:
             sources = sorted({s for s, _ in piece})
-            rp = _replica_params({s: announced[route.source[s]][3] for s in sources}, g.dp_rank)
+            rp = _replica_params({s: by_source[s] for s in sources}, g.dp_rank)
             result = self.engine.generate([announced[route.source[s]][2][i] for s, i in piece], rp)
             if me == g.replica_leader:
                 back: dict[int, list] = {}

@@ -68,6 +68,9 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     backend = "nccl" if cuda else "gloo"
     created = not torch.distributed.is_initialized()
     if created:
+        from megatron_s2d.runtime.groups import clear_cache
+
+        clear_cache()  # groups of an earlier world in this process are gone with it
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -116,4 +119,7 @@ def shutdown() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
+        from megatron_s2d.runtime.groups import clear_cache
+
+        clear_cache()
         torch.distributed.destroy_process_group()

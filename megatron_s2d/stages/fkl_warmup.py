@@ -1,7 +1,7 @@
 """Stage 2a (fkl_warmup; also the teacher-sample-SFT control): forward KL of the student on *teacher* rollouts.
 
     once:      the frozen teacher generates ``teacher_samples_per_prompt`` responses for every prompt the stage
-               will use, with its top-k log-probs at each position; cached on disk (per DP rank)
+               will use (step by step), with its top-k log-probs at each position; cached on disk (per DP rank)
     for step:  minimise  sum_t KL(pi_T(.|s_t) || pi_S(.|s_t))  on teacher occupancy
                - fkl_mode "topk":    sum_{v in top-k_T} p_T(v)(log p_T(v) - log p_S(v)) + tail bucket
                - fkl_mode "sampled": NLL of the teacher's sampled tokens (= teacher-sample SFT)
@@ -25,10 +25,28 @@ def _cache_path(ctx):
     return ctx.dir / "teacher_cache" / f"dp_rank_{ctx._dp_rank():05d}.pt"
 
 
+def _all_ranks_cached(path) -> bool:
+    """True only if every rank of the job has its cache: building the teacher and generating are collectives over
+    the whole job (the teacher may have a layout of its own), so all ranks must take the same branch."""
+    from megatron_s2d.runtime.dist import comm_device
+
+    t = torch.tensor([1.0 if path.is_file() else 0.0], device=comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t.item() > 0
+
+
+def _is_dp_writer() -> bool:
+    """One rank per data-parallel group writes its cache (the others hold identical samples)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+
 def teacher_rollouts(ctx) -> list:
-    """Generate (or load) the teacher samples for every step of this stage, for this DP rank."""
+    """Generate (or load) the teacher samples for every step of this stage, for this DP rank, one step at a time
+    (bounded memory and messages when the teacher's generation is routed across the job)."""
     path = _cache_path(ctx)
-    if path.is_file():
+    if _all_ranks_cached(path):
         ctx.log(f"teacher rollouts: cached {path}")
         return torch.load(path, weights_only=False)
     st, d = ctx.stage, ctx.stage.distill
@@ -36,23 +54,28 @@ def teacher_rollouts(ctx) -> list:
     engine = ctx.make_engine(teacher, teacher_dir)
     topk = d.topk if d.fkl_mode == "topk" else 0
     t0 = time.perf_counter()
-    idx = [i for step in range(st.steps) for i in ctx.dp_share(ctx.step_problems(step, st.prompts_per_step))]
-    params = C.sampling_params(ctx, 0, d.teacher_samples_per_prompt, topk=topk, salt=1)
-    samples, gen_m = C.generate(ctx, engine, idx, params)
-    if topk and st.rollout.temperature != 1.0:
-        batch = C.to_batch(ctx, samples)
-        out = teacher.forward_values(batch, O.logprob_values(teacher.tp_group, 1.0, topk=topk),
-                                     st.micro_batch_tokens)
-        for i, s in enumerate(samples):
-            p, r = len(s.prompt_ids), len(s.response_ids)
-            s.topk_ids = out["topk_ids"][i, p:p + r].tolist()
-            s.topk_logprobs = out["topk_logprobs"][i, p:p + r].tolist()
-    ctx.log(f"teacher rollouts: {len(samples)} samples, {gen_m['generated_tokens']:.0f} tokens in "
-            f"{time.perf_counter() - t0:.1f}s ({gen_m['tokens_per_s']:.0f} tok/s)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(samples, tmp)
-    os.replace(tmp, path)
+    samples, tokens, gen_s = [], 0.0, 0.0
+    for step in range(st.steps):
+        idx = ctx.dp_share(ctx.step_problems(step, st.prompts_per_step))
+        params = C.sampling_params(ctx, step, d.teacher_samples_per_prompt, topk=topk, salt=1)
+        got, gen_m = C.generate(ctx, engine, idx, params)
+        tokens, gen_s = tokens + gen_m["generated_tokens"], gen_s + gen_m["time_s"]
+        if topk and st.rollout.temperature != 1.0:
+            out = teacher.forward_values(C.to_batch(ctx, got), O.logprob_values(teacher.tp_group, 1.0, topk=topk),
+                                         st.micro_batch_tokens)
+            for i, s in enumerate(got):
+                p, r = len(s.prompt_ids), len(s.response_ids)
+                s.topk_ids = out["topk_ids"][i, p:p + r].tolist()
+                s.topk_logprobs = out["topk_logprobs"][i, p:p + r].tolist()
+        samples += got
+    ctx.log(f"teacher rollouts: {len(samples)} samples, {tokens:.0f} tokens in {time.perf_counter() - t0:.1f}s "
+            f"({tokens / max(gen_s, 1e-9):.0f} tok/s generating)")
+    if _is_dp_writer():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(samples, tmp)
+        os.replace(tmp, path)
+    torch.distributed.barrier()
     del teacher, engine
     return samples
 

@@ -1,4 +1,4 @@
-"""A real plan where the teacher has its own layout (tp=2) next to a tp=1 student on 2 processes: the forward-KL
+"""A real plan where the teacher has its own layout (tp=2, or pp=2) next to a tp=1 student on 2 processes: the forward-KL
 warmup's teacher generates for both student data-parallel ranks (routed generation, top-k re-scored at T=1) and
 OPD's teacher scores both ranks' rollouts (routed scoring). Exactness of the routing against one process is
 tests/distributed/test_scorer_layout.py; this checks the stages run it end to end."""
@@ -13,7 +13,8 @@ from tests.functional.conftest import mini_plan, s2d, write_plan
 pytestmark = pytest.mark.functional
 
 
-def test_fkl_and_opd_with_teacher_tp2_next_to_student_tp1(mini_world, tmp_path):
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}], ids=["teacher-tp2", "teacher-pp2"])
+def test_fkl_and_opd_with_teacher_at_its_own_layout_next_to_student_tp1(mini_world, tmp_path, layout):
     stages = [
         {"name": "fkl", "kind": "fkl_warmup", "teacher": "base", "split": "1H",
          "rollout": {"temperature": 0.8, "max_new_tokens": 8},
@@ -23,12 +24,14 @@ def test_fkl_and_opd_with_teacher_tp2_next_to_student_tp1(mini_world, tmp_path):
     run = tmp_path / "run"
     plan = mini_plan(mini_world, run, stages, eval={"k": 1, "max_new_tokens": 4, "include_base": False},
                      launch={"executor": "local", "nodes": 1, "procs_per_node": 2})
-    plan["models"]["teacher"]["tp"] = 2
+    plan["models"]["teacher"].update(layout)
     proc = s2d("run", write_plan(tmp_path / "plan.yaml", plan), "stage_defaults.steps=2")
     for name in ("fkl", "opd"):
         assert (run / "stages" / name / "COMPLETE").is_file(), name
     out = proc.stdout + proc.stderr
-    assert "teacher scorer at its own layout tp=2 pp=1 (1 replicas) next to the student at tp=1 pp=1 (dp=2)" in out
+    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
+    assert (f"teacher scorer at its own layout tp={tp} pp={pp} (1 replicas) next to the student at tp=1 pp=1 (dp=2)"
+            in out)
     # each student DP rank got teacher samples for its own prompts, with teacher top-k at every response token
     caches = [torch.load(run / "stages" / "fkl" / "teacher_cache" / f"dp_rank_{r:05d}.pt", weights_only=False)
               for r in (0, 1)]

@@ -25,6 +25,7 @@ def test_balanced_split_balances_tokens_not_rows():
     assert _weights(balanced_split(w, 2), w) == [103, 103]
     w = [10] * 8
     assert _weights(balanced_split(w, 4), w) == [20, 20, 20, 20]
+    assert _weights(balanced_split([1, 100], 2), [1, 100]) == [1, 100]  # the nearer edge, not [101, 0]
     # each part is within one item of the ideal share
     w = [3, 9, 2, 7, 7, 1, 8, 4, 6, 5]
     for parts in (2, 3, 4):
@@ -52,6 +53,10 @@ def test_routing_dedupes_ranks_of_one_dp_group_and_orders_rows_globally():
 def test_routing_refuses_ranks_of_one_dp_group_with_different_rows():
     with pytest.raises(S2DError, match="ranks 0 and 1 are both stage data-parallel rank 0"):
         Routing.plan([(0, [5, 6]), (0, [5, 7])], replicas=1)
+    # same lengths, different tokens: the fingerprint tells them apart
+    with pytest.raises(S2DError, match="scorer: ranks 0 and 1"):
+        Routing.plan([(0, [5, 6], 111), (0, [5, 6], 222)], replicas=1)
+    Routing.plan([(0, [5, 6], 111), (0, [5, 6], 111)], replicas=1)
 
 
 def test_routing_with_more_replicas_than_rows_leaves_some_idle():
