@@ -115,6 +115,7 @@ def logprob_values(tp_group, temperature: float = 1.0, topk: int = 0, ids_key: s
             out["logprobs_at_ids"] = target_logprobs(logits, mb, tp_group, temperature, ids_key=ids_key)
         return logits.sum() * 0.0, out
 
+    objective.inputs = ("tokens", "lengths") + ((ids_key,) if ids_key else ())  # what a routed scorer must ship
     return objective
 
 

@@ -142,7 +142,10 @@ class FrozenScorer:
         dist.all_gather_object(announced, (self.stage_dp_rank, batch["lengths"].tolist(), finger))
         route = Routing.plan(announced, g.dp)
 
-        # 3. sources send each replica its rows
+        # 3. sources send each replica its rows (only the fields the objective reads, when it says which)
+        needed = getattr(objective, "inputs", None)
+        if needed is not None:
+            batch = {k: batch[k] for k in needed}
         send = {}
         if route.source[self.stage_dp_rank] == me:
             for replica, piece in enumerate(route.pieces):

@@ -137,3 +137,25 @@ def test_teacher_tp2_pp2_serves_four_student_ranks(ckpt):
     assert [o["replicas"] for o in outs] == [1] * 4
     assert sorted(r for o in outs for r in o["rows"]) == list(range(ROWS))
     _check(outs, ref)
+
+
+def _cache_agreement(rank, world, root):
+    from pathlib import Path
+
+    from megatron_s2d.stages.fkl_warmup import _all_ranks_cached
+
+    mine = Path(root) / f"dp_rank_{rank:05d}.pt"
+    first = _all_ranks_cached(mine)  # nobody has a cache
+    if rank == 0:
+        mine.write_text("x")
+    torch.distributed.barrier()
+    partial = _all_ranks_cached(mine)  # only rank 0 has one (a crash between the two saves)
+    if rank == 1:
+        mine.write_text("x")
+    torch.distributed.barrier()
+    return first, partial, _all_ranks_cached(mine)
+
+
+def test_teacher_cache_is_used_only_when_every_rank_has_it(tmp_path):
+    """A partial teacher cache must send every rank down the generating branch (its collectives span the job)."""
+    assert run_distributed(_cache_agreement, world_size=2, root=str(tmp_path)) == [(False, False, True)] * 2
