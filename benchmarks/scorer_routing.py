@@ -22,14 +22,7 @@ import zlib
 
 import torch
 
-PRESETS = {
-    "tiny": dict(model_type="llama", vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=500000.0,
-                 max_position_embeddings=4096, tie_word_embeddings=False),
-    "llama8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                    rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False),
-}
+from train_step import PRESETS  # the train-step benchmark's presets (this folder is on sys.path)
 
 
 def _args():
@@ -38,6 +31,7 @@ def _args():
     ap.add_argument("--teacher-tp", type=int, default=2)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=None, help="override the preset's vocab (default 2048 for tiny)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--seqs", type=int, default=16, help="sequences per rank")
     ap.add_argument("--iters", type=int, default=3)
@@ -69,6 +63,9 @@ def main() -> None:
     cfg = dict(PRESETS[args.preset])
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
+    vocab = args.vocab or (2048 if args.preset == "tiny" else None)
+    if vocab:
+        cfg["vocab_size"] = vocab
     arch = arch_from_hf_config(cfg)
     g = torch.Generator().manual_seed(0)
     shapes = hf_shapes(arch)

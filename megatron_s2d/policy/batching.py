@@ -33,14 +33,20 @@ class MicroBatchPlan:
         return sum(len(g) * l for g, l in zip(self.groups, self.lengths))
 
 
-def plan_micro_batches(lengths: list[int], micro_batch_tokens: int) -> MicroBatchPlan:
-    """Greedy, deterministic packing of rows into micro-batches under a padded-token budget."""
-    if not lengths:
-        return MicroBatchPlan([], [])
+def _longest_first(lengths: list[int], micro_batch_tokens: int) -> list[int]:
+    """Row indices by length, longest first (ties by index: deterministic); every row must fit the budget."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     if lengths[order[0]] > micro_batch_tokens:
         raise S2DError(f"micro_batch_tokens = {micro_batch_tokens} is smaller than the longest sequence "
                        f"({lengths[order[0]]} tokens): raise micro_batch_tokens")
+    return order
+
+
+def plan_micro_batches(lengths: list[int], micro_batch_tokens: int) -> MicroBatchPlan:
+    """Greedy, deterministic packing of rows into micro-batches under a padded-token budget."""
+    if not lengths:
+        return MicroBatchPlan([], [])
+    order = _longest_first(lengths, micro_batch_tokens)
     groups, lens, cur, cur_len = [], [], [], 0
     for i in order:
         new_len = max(cur_len, lengths[i])
@@ -53,6 +59,18 @@ def plan_micro_batches(lengths: list[int], micro_batch_tokens: int) -> MicroBatc
     groups.append(cur)
     lens.append(cur_len)
     return MicroBatchPlan(groups, lens)
+
+
+def scatter_rows(parts, n: int, t: int) -> dict[str, torch.Tensor]:
+    """Reassemble per-row values into (n, t, ...) CPU tensors: ``parts`` yields (row indices, {key: (r, T_r, ...)})
+    with T_r <= t; positions past T_r stay zero."""
+    out: dict[str, torch.Tensor] = {}
+    for rows, values in parts:
+        for k, v in values.items():
+            if k not in out:
+                out[k] = torch.zeros((n, t) + tuple(v.shape[2:]), dtype=v.dtype)
+            out[k][rows, : v.shape[1]] = v.cpu()
+    return out
 
 
 def slice_batch(batch: dict[str, torch.Tensor], rows: list[int], length: int) -> dict[str, torch.Tensor]:
@@ -72,10 +90,7 @@ def plan_packs(lengths: list[int], micro_batch_tokens: int) -> MicroBatchPlan:
     """
     if not lengths:
         return MicroBatchPlan([], [])
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    if lengths[order[0]] > micro_batch_tokens:
-        raise S2DError(f"micro_batch_tokens = {micro_batch_tokens} is smaller than the longest sequence "
-                       f"({lengths[order[0]]} tokens): raise micro_batch_tokens")
+    order = _longest_first(lengths, micro_batch_tokens)
     bins: list[list[int]] = []
     room: list[int] = []
     for i in order:
@@ -110,13 +125,14 @@ def pack_rows(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torc
     out = slice_batch(batch, rows, max(lengths))
     t = torch.arange(max(lengths))
     lens = torch.tensor(lengths)
-    starts = torch.cumsum(lens, 0) - lens  # (n,)
+    ends = torch.cumsum(lens, 0)  # (n,)
+    starts = ends - lens
     valid = t[None, :] < lens[:, None]  # (n, T)
     index = (starts[:, None] + t[None, :]) * valid  # (n, T)
     out["packed_tokens"] = out["tokens"][valid].unsqueeze(0)  # row-major: rows in order, each in time order
     out["pack_index"] = index
     out["pack_valid"] = valid
-    out["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lens, 0).to(torch.int32)])
+    out["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int32), ends.to(torch.int32)])
     out["pack_positions"] = t.expand(len(rows), -1)[valid].unsqueeze(0)
     return out
 

@@ -23,7 +23,8 @@ from megatron_s2d.config.schema import ModelConfig, OptimConfig
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec
 from megatron_s2d.models.build import ModelOptions, build_gpt_model
-from megatron_s2d.policy.batching import block_causal_mask, pack_rows, plan_micro_batches, plan_packs, slice_batch
+from megatron_s2d.policy.batching import (block_causal_mask, pack_rows, plan_micro_batches, plan_packs,
+                                          scatter_rows, slice_batch)
 
 Objective = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
@@ -222,15 +223,7 @@ class MegatronPolicy:
         finally:
             self.model.train(was_training)
         n, t = batch["tokens"].shape
-        out: dict[str, torch.Tensor] = {}
-        for d in store:
-            rows = d["rows"]
-            for k, v in d.items():
-                if k == "rows":
-                    continue
-                if k not in out:
-                    out[k] = torch.zeros((n, t) + tuple(v.shape[2:]), dtype=v.dtype)
-                out[k][rows, : v.shape[1]] = v.cpu()
+        out = scatter_rows(((d["rows"], {k: v for k, v in d.items() if k != "rows"}) for d in store), n, t)
         # positions past a row's length depend on how rows were grouped into micro-batches: zero them so the
         # result is a function of the row alone
         valid = torch.arange(t)[None, :] < batch["lengths"][:, None]

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_s2d.errors import S2DError
+from megatron_s2d.policy.batching import scatter_rows, slice_batch
 from megatron_s2d.runtime.exchange import exchange
 
 
@@ -80,6 +81,10 @@ class Routing:
         pieces = [rows[lo:hi] for lo, hi in balanced_split(weights, replicas)]
         return Routing(source=source, stage_dp_of=[a[0] for a in announced], pieces=pieces)
 
+    def to_ranks(self, per_stage: dict) -> dict:
+        """``{stage DP rank: obj}`` -> ``{global rank: obj}``: every rank of that stage DP rank gets the object."""
+        return {dst: per_stage[s] for dst, s in enumerate(self.stage_dp_of) if s in per_stage}
+
 
 def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate (n_i, T_i, ...) tensors on dim 0, zero-padding dim 1 to the largest T_i."""
@@ -94,14 +99,10 @@ def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _rows(batch: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
-    """Rows ``idx`` of a batch, cut to their longest length on dim 1 (per-token fields) to keep messages small."""
-    sel = torch.tensor(idx, dtype=torch.long)
-    t = int(batch["lengths"][sel].max()) if idx else 0
-    out = {}
-    for k, v in batch.items():
-        v = v.index_select(0, sel)
-        out[k] = v[:, :t].contiguous() if v.dim() >= 2 else v
-    return out
+    """Rows ``idx`` of a batch cut to their longest length (``slice_batch``), compact so that pickling sends only
+    those elements."""
+    t = int(batch["lengths"][idx].max())
+    return {k: v.contiguous() for k, v in slice_batch(batch, idx, t).items()}
 
 
 class FrozenScorer:
@@ -152,7 +153,7 @@ class FrozenScorer:
                 mine = [i for s, i in piece if s == self.stage_dp_rank]
                 if mine:
                     payload = (self.stage_dp_rank, mine, _rows(batch, mine))
-                    for dst in _replica_ranks(g, replica):
+                    for dst in g.ranks_of_replica(replica):
                         send[dst] = payload
         got = exchange(send)
         piece = route.pieces[g.dp_rank]
@@ -179,22 +180,8 @@ class FrozenScorer:
                 t = int(max(announced[route.source[s]][1][piece[j][1]] for j in js))
                 payloads[s] = ([piece[j][1] for j in js],
                                {k: v.index_select(0, sel)[:, :t].contiguous() for k, v in values.items()})
-            for dst, s in enumerate(route.stage_dp_of):
-                if s in payloads:
-                    send[dst] = payloads[s]
+            send = route.to_ranks(payloads)
         got = exchange(send)
         n, t = batch["tokens"].shape
-        out: dict[str, torch.Tensor] = {}
-        for idx, vals in got.values():
-            rows = torch.tensor(idx, dtype=torch.long)
-            for k, v in vals.items():
-                if k not in out:
-                    out[k] = torch.zeros((n, t) + tuple(v.shape[2:]), dtype=v.dtype)
-                out[k][rows, : v.shape[1]] = v
-        return out
+        return scatter_rows(((torch.tensor(idx, dtype=torch.long), vals) for idx, vals in got.values()), n, t)
 
-
-def _replica_ranks(g, replica: int) -> list[int]:
-    from megatron_s2d.runtime.groups import rank_of
-
-    return [rank_of(t, replica, p, g.tp, g.dp) for p in range(g.pp) for t in range(g.tp)]

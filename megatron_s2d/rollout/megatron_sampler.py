@@ -219,9 +219,8 @@ class MegatronSampler:
     def _check_same_across_tp(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """Every rank of the model-parallel group (TP and PP) must run the same generation (each decode step is a
         collective): compare a checksum over each group."""
-        groups = [(g, name) for g, size, name in ((self.tp_group, self.tp_size, "tensor"),
-                                                  (self.pp_group, 2 if self.pp_group is not None else 1, "pipeline"))
-                  if size > 1]
+        groups = [(g, name) for g, name in ((self.tp_group if self.tp_size > 1 else None, "tensor"),
+                                            (self.pp_group, "pipeline")) if g is not None]
         if not groups:
             return
         crc = zlib.crc32(repr(params).encode())

@@ -21,14 +21,20 @@ from megatron_s2d.rollout.base import GenerationResult, SamplingParams, generati
 from megatron_s2d.runtime.exchange import exchange
 
 
-def _replica_params(params_by_source: dict[int, SamplingParams], replica: int) -> SamplingParams:
-    """One SamplingParams for a replica that serves several sources: identical fields required; the seed is
-    derived from every source's seed and the replica index (the same on all ranks of the replica)."""
-    base = params_by_source[min(params_by_source)]
+def _check_params_agree(params_by_source: dict[int, SamplingParams]) -> None:
+    """All stage DP ranks must ask for the same sampling params; only the seed may differ."""
+    first = min(params_by_source)
+    base = params_by_source[first]
     for s, p in params_by_source.items():
         if dataclasses.replace(p, seed=base.seed) != base:
-            raise S2DError(f"routed generation: stage data-parallel ranks {min(params_by_source)} and {s} asked for "
-                           f"different sampling params ({base} vs {p}); only the seed may differ")
+            raise S2DError(f"routed generation: stage data-parallel ranks {first} and {s} asked for different "
+                           f"sampling params ({base} vs {p}); only the seed may differ")
+
+
+def _replica_params(params_by_source: dict[int, SamplingParams], replica: int) -> SamplingParams:
+    """One SamplingParams for a replica that serves several sources (params agree: ``_check_params_agree``); the
+    seed is derived from every source's seed and the replica index (the same on all ranks of the replica)."""
+    base = params_by_source[min(params_by_source)]
     key = f"{sorted((s, p.seed) for s, p in params_by_source.items())}:{replica}".encode()
     return dataclasses.replace(base, seed=int.from_bytes(hashlib.sha256(key).digest()[:4], "little"))
 
@@ -49,7 +55,7 @@ class RoutedEngine:
         # waiting in a collective)
         route = Routing.plan([(s, b, p) for s, b, p, _ in announced], g.dp, what="routed generation")
         by_source = {s: announced[r][3] for s, r in route.source.items()}
-        _replica_params(by_source, 0)  # all sources must agree on everything but the seed
+        _check_params_agree(by_source)
         piece = route.pieces[g.dp_rank]
         send = {}
         if piece:
@@ -60,9 +66,7 @@ class RoutedEngine:
                 back: dict[int, list] = {}
                 for (s, i), samples in zip(piece, result.samples):
                     back.setdefault(s, []).append((i, samples))
-                for dst, s in enumerate(route.stage_dp_of):
-                    if s in back:
-                        send[dst] = back[s]
+                send = route.to_ranks(back)
         got = exchange(send)
         samples: list = [None] * len(prompts)
         for items in got.values():

@@ -34,16 +34,20 @@ class ModelGroups:
     tp_rank: int
     pp_rank: int
     dp_rank: int  # = the replica this rank belongs to
-    replica_ranks: tuple[int, ...]  # global ranks of this rank's replica (tp * pp of them), ascending
     pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
     is_global: bool  # True when these are parallel_state's own groups (the job's layout)
+
+    def ranks_of_replica(self, replica: int) -> tuple[int, ...]:
+        """Global ranks holding replica ``replica`` (tp * pp of them), ascending."""
+        return tuple(sorted(rank_of(t, replica, p, self.tp, self.dp) for t in range(self.tp) for p in range(self.pp)))
+
+    @property
+    def replica_ranks(self) -> tuple[int, ...]:
+        return self.ranks_of_replica(self.dp_rank)
 
     @property
     def replica_leader(self) -> int:
         return self.replica_ranks[0]
-
-    def replica_of(self, global_rank: int) -> int:
-        return (global_rank // self.tp) % self.dp
 
     def p2p_communicator(self, config):
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -67,22 +71,22 @@ def model_groups(tp: int, pp: int) -> ModelGroups:
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise S2DError(f"layout tp={tp} x pp={pp} does not divide the world size {world}")
     dp = world // (tp * pp)
-    tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
-    replica = tuple(sorted(rank_of(t, dp_rank, p, tp, dp) for t in range(tp) for p in range(pp)))
+    coords = dict(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, pp_rank=rank // (tp * dp), dp_rank=(rank // tp) % dp)
     if (ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() == tp
             and ps.get_pipeline_model_parallel_world_size() == pp):
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         pgs = ProcessGroupCollection.use_mpu_process_groups(
             ["tp", "pp", "mp", "cp", "tp_cp", "embd", "pos_embd", "dp", "dp_cp"])
-        return ModelGroups(tp, pp, dp, tp_rank, pp_rank, dp_rank, replica, pgs, is_global=True)
+        return ModelGroups(**coords, pg_collection=pgs, is_global=True)
     key = (world, tp, pp)
     if key not in _CACHE:
-        _CACHE[key] = _create(tp, pp, dp, rank)
+        _CACHE[key] = ModelGroups(**coords, pg_collection=_create(tp, pp, dp, rank), is_global=False)
     return _CACHE[key]
 
 
-def _create(tp: int, pp: int, dp: int, rank: int) -> ModelGroups:
+def _create(tp: int, pp: int, dp: int, rank: int):
+    """The ProcessGroupCollection of layout (tp, pp, dp) for ``rank`` (collective: every group of every kind)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     def groups(rank_lists: list[list[int]]):
@@ -112,9 +116,7 @@ def _create(tp: int, pp: int, dp: int, rank: int) -> ModelGroups:
     pgs.pos_embd = groups(pos_lists)
     pgs.cp = groups(cp_lists)
     pgs.tp_cp = pgs.tp
-    tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
-    replica = tuple(mp_lists[dp_rank])
-    return ModelGroups(tp, pp, dp, tp_rank, pp_rank, dp_rank, replica, pgs, is_global=False)
+    return pgs
 
 
 def clear_cache() -> None:

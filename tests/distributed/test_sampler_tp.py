@@ -27,18 +27,25 @@ def _flat(result):
             for group in result.samples for s in group]
 
 
-def _generate_tp1_then_tp2(rank: int, world_size: int, seed: int) -> dict:
-    from megatron_s2d.models import ModelOptions, arch_from_hf_config, build_gpt_model
-    from megatron_s2d.rollout import MegatronSampler, SamplingParams
-    from megatron_s2d.runtime.dist import init_distributed
+def _prompts_and_runs(arch, g, seed):
+    """The prompts (drawn from ``g``) and the two generations both layout checks run: greedy, and seeded sampling."""
+    from megatron_s2d.rollout import SamplingParams
 
-    arch = arch_from_hf_config(TINY)
-    g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, arch.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    probe = torch.tensor([prompts[1]])
     runs = [SamplingParams(n=2, temperature=0.0, max_new_tokens=8, stop_token_ids=(5, 6, 7)),
             SamplingParams(n=3, temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=8, logprob_topk=3,
                            stop_token_ids=tuple(range(16)), seed=seed)]
+    return prompts, runs
+
+
+def _generate_tp1_then_tp2(rank: int, world_size: int, seed: int) -> dict:
+    from megatron_s2d.models import ModelOptions, arch_from_hf_config, build_gpt_model
+    from megatron_s2d.rollout import MegatronSampler
+    from megatron_s2d.runtime.dist import init_distributed
+
+    arch = arch_from_hf_config(TINY)
+    prompts, runs = _prompts_and_runs(arch, torch.Generator().manual_seed(3), seed)
+    probe = torch.tensor([prompts[1]])
     out = {}
     for tp in (1, 2):
         init_distributed(tp, 1)
@@ -74,7 +81,7 @@ def _generate_pp1_then_pp2(rank: int, world_size: int, seed: int) -> dict:
     """Same HF-named weights loaded at PP=1 (as DP=2) and at PP=2 (tied embeddings: the last stage keeps a copy)."""
     from checkpoints_convert.mapping import hf_shapes
     from megatron_s2d.models import ModelOptions, arch_from_hf_config, build_gpt_model
-    from megatron_s2d.rollout import MegatronSampler, SamplingParams
+    from megatron_s2d.rollout import MegatronSampler
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.runtime.model_ckpt import load_hf_state
 
@@ -82,10 +89,7 @@ def _generate_pp1_then_pp2(rank: int, world_size: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(4)
     weights = {k: torch.randn(*s, generator=g) * 0.2 for k, s in sorted(hf_shapes(arch).items())}
     weights = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in weights.items()}
-    prompts = [torch.randint(0, arch.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    runs = [SamplingParams(n=2, temperature=0.0, max_new_tokens=8, stop_token_ids=(5, 6, 7)),
-            SamplingParams(n=3, temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=8, logprob_topk=3,
-                           stop_token_ids=tuple(range(16)), seed=seed)]
+    prompts, runs = _prompts_and_runs(arch, g, seed)
     out = {}
     for pp in (1, 2):
         init_distributed(1, pp)
