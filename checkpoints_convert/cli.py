@@ -1,8 +1,8 @@
 """``convert`` subcommands: hf-to-megatron | megatron-to-hf | verify.
 
-The lead's ``s2d`` CLI calls :func:`add_convert_subcommands` on its subparsers (giving ``s2d convert ...``); each
-leaf parser sets ``func`` (``args.func(args) -> exit code``). Standalone: ``python -m checkpoints_convert <sub> ...``
-(a leading ``convert`` is accepted too). ``verify`` at tp*pp > 1 relaunches itself under ``torch.distributed.run``
+The ``s2d`` CLI calls :func:`add_convert_subcommands` on its top-level subparsers (giving ``s2d convert ...``); each
+leaf parser sets ``fn`` (``args.fn(args) -> exit code``), the convention of every ``s2d`` subcommand.
+Standalone: ``python -m checkpoints_convert <sub> ...`` (a leading ``convert`` is accepted too). ``verify`` at tp*pp > 1 relaunches itself under ``torch.distributed.run``
 with tp*pp processes unless it already runs under torchrun.
 """
 
@@ -65,7 +65,7 @@ def _add_leafs(sub) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="stored dtype (default: bf16 for a bf16 checkpoint, else fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (only once the new folder is complete)")
-    p.set_defaults(func=_hf_to_megatron)
+    p.set_defaults(fn=_hf_to_megatron)
 
     p = sub.add_parser("megatron-to-hf", help="megatron-s2d model checkpoint folder -> HF safetensors folder")
     p.add_argument("--megatron", required=True, help="megatron-s2d model checkpoint folder")
@@ -74,7 +74,7 @@ def _add_leafs(sub) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="output dtype (default: as stored)")
     p.add_argument("--shard-size", default="5GB", help="max safetensors shard size, e.g. 5GB, 500MB")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_megatron_to_hf)
+    p.set_defaults(fn=_megatron_to_hf)
 
     p = sub.add_parser("verify", help="compare HF and megatron logits on the same tokens (fp32)")
     p.add_argument("--hf", required=True)
@@ -85,7 +85,7 @@ def _add_leafs(sub) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_verify)
+    p.set_defaults(fn=_verify)
 
 
 def add_convert_subcommands(subparsers) -> argparse.ArgumentParser:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return args.fn(args)
     except S2DError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

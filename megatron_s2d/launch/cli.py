@@ -80,10 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="validate layouts + memory and render sbatch scripts without running anything")
     run.set_defaults(fn=_cmd_run)
 
-    conv = sub.add_parser("convert", help="HF <-> megatron checkpoint conversion")
     from checkpoints_convert.cli import add_convert_subcommands
 
-    add_convert_subcommands(conv.add_subparsers(dest="convert_command", required=True))
+    add_convert_subcommands(sub)  # s2d convert {hf-to-megatron,megatron-to-hf,verify}
 
     ev = sub.add_parser("eval", help="avg@k of a checkpoint on MATH / AIME / a local file")
     ev.add_argument("--model", required=True, help="megatron-s2d checkpoint or HF folder")

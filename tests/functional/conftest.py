@@ -74,9 +74,19 @@ def write_plan(path: Path, plan: dict) -> Path:
     return path
 
 
-def s2d(*args, timeout=900, check=True, **kw) -> subprocess.CompletedProcess:
+def s2d_console_script() -> str:
+    """The installed ``s2d`` console script of this environment (what users type). Tests run the CLI through it,
+    never through ``python -m`` or the Python function behind it: ``s2d convert`` once broke exactly in between."""
+    path = Path(sys.executable).parent / "s2d"
+    if not path.is_file():
+        raise AssertionError(f"{path}: the s2d console script is not installed in this environment "
+                             "(scripts/setup_env.sh installs the package with `pip install -e .`)")
+    return str(path)
+
+
+def s2d(*args, timeout=900, check=True, cwd=ROOT, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "megatron_s2d.launch.cli", *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.run([s2d_console_script(), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"s2d {' '.join(map(str, args))} failed ({proc.returncode}):\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.functional.conftest import ROOT, mini_plan, s2d, write_plan
+from tests.functional.conftest import ROOT, mini_plan, s2d, s2d_console_script, write_plan
 
 pytestmark = pytest.mark.functional
 
@@ -53,10 +53,13 @@ def test_plan_end_to_end_lineage_report_and_rerun(mini_world, tmp_path):
     # every figure in the report is the run's own: eval.json of a stage matches its table cell
     ev = json.loads((run / "stages" / "cold_grpo" / "eval.json").read_text())["results"]["mini-test"]
     assert f"{100 * ev['avg']:.1f} ± {100 * ev['stderr']:.1f}" in report
-    # a second run skips every completed stage
+    # a second run, in the README's form (overrides, a subset), skips every completed stage
     t0 = time.perf_counter()
-    again = s2d("run", plan, "stage_defaults.steps=2")
-    assert "job teacher_rl" not in again.stdout and time.perf_counter() - t0 < 120
+    again = s2d("run", plan, "stages.opd.steps=200", "--stages", "opd,student_rl")
+    assert "job opd" not in again.stdout and time.perf_counter() - t0 < 120
+    # s2d report RUN: the same table from the run's files
+    rep = s2d("report", run)
+    assert "| cold_grpo |" in rep.stdout and f"{100 * ev['avg']:.1f} ± {100 * ev['stderr']:.1f}" in rep.stdout
 
 
 def _final_weights(ckpt: Path, out: Path) -> dict:
@@ -80,7 +83,7 @@ def test_resume_after_crash_gives_the_same_final_checkpoint(mini_world, tmp_path
         plan = write_plan(tmp_path / f"{mode}.yaml",
                           mini_plan(mini_world, run, stages, eval={"k": 2, "include_base": False}))
         if mode == "crashed":
-            proc = subprocess.Popen([sys.executable, "-m", "megatron_s2d.launch.cli", "run", str(plan)], cwd=ROOT,
+            proc = subprocess.Popen([s2d_console_script(), "run", str(plan)], cwd=ROOT,
                                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             latest = run / "stages" / "teacher_rl" / "checkpoints" / "latest"
             deadline = time.time() + 600

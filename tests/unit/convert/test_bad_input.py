@@ -129,4 +129,4 @@ def test_cli(hf_models, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_convert_subcommands(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["convert", "verify", "--hf", "a", "--megatron", "b", "--tp", "2"])
-    assert (args.tp, args.pp, args.atol) == (2, 1, 1e-4) and callable(args.func)
+    assert (args.tp, args.pp, args.atol) == (2, 1, 1e-4) and callable(args.fn)
