@@ -102,7 +102,7 @@ def main() -> None:
 
         load_hf_state(model.module, arch, read)
         scorer = S.FrozenScorer(model, rank)
-        obj = O.logprob_values(scorer.tp_group)
+        obj = O.logprob_values(scorer.tp_group, 1.0)
         scorer.forward_values(batch, obj, args.seq * 4)  # warm-up
         sync()
         dist.barrier()

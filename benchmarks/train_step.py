@@ -84,7 +84,7 @@ def main() -> None:
     arch = arch_from_hf_config(cfg)
     dtype = "bf16" if cuda else "fp32"
     mcfg = ModelConfig(dtype=dtype, fp8=args.fp8)
-    policy = MegatronPolicy(arch, mcfg, OptimConfig(lr=1e-6), total_steps=100)
+    policy = MegatronPolicy(arch, mcfg, OptimConfig(lr=1e-6), total_updates=100)
     tp = ps.get_tensor_model_parallel_group()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, arch.vocab_size, (n_seq, seq), generator=g)
@@ -92,7 +92,7 @@ def main() -> None:
     mask[:, seq // 8:] = 1.0  # a short prompt, then the response tokens that carry the loss
     batch = dict(tokens=tokens, lengths=torch.full((n_seq,), seq), loss_mask=mask)
     norm = O.Normalisers(float(mask.sum()), float(n_seq))
-    old = policy.forward_values(batch, O.logprob_values(tp), mbt)["logprobs"]
+    old = policy.forward_values(batch, O.logprob_values(tp, 1.0), mbt)["logprobs"]
     teacher_lp = old - torch.rand(n_seq, seq, generator=g)
 
     def ce(logits, mb):
@@ -103,9 +103,9 @@ def main() -> None:
 
     objectives = {
         "ce": (lambda: ce, {}),
-        "grpo": (lambda: O.policy_gradient(tp, norm, eps_low=0.2, eps_high=0.28),
+        "grpo": (lambda: O.policy_gradient(tp, norm, eps_low=0.2, eps_high=0.28, temperature=1.0),
                  {"old_logprobs": old, "advantages": torch.randn(n_seq, generator=g)}),
-        "opd": (lambda: O.policy_gradient(tp, norm, eps_low=0.2, eps_high=0.28),
+        "opd": (lambda: O.policy_gradient(tp, norm, eps_low=0.2, eps_high=0.28, temperature=1.0),
                 {"old_logprobs": old, "advantages": opd_token_advantages(teacher_lp, old, mask)}),
     }
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -141,7 +141,7 @@ def main() -> None:
         cfg["num_hidden_layers"] = args.score_layers
     sarch = arch_from_hf_config(cfg)
     scorer = MegatronPolicy(sarch, mcfg, optim=None)
-    obj = O.logprob_values(tp)
+    obj = O.logprob_values(tp, 1.0)
     scorer.forward_values(batch, obj, mbt)
     sync()
     t0 = time.perf_counter()

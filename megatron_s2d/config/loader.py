@@ -108,8 +108,13 @@ def from_dict(cls, data: Any, where: str = ""):
     """Build dataclass ``cls`` from a plain dict, refusing unknown keys and wrong types (errors name the path)."""
     if not isinstance(data, dict):
         raise S2DError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    from megatron_s2d.config.schema import RENAMED
+
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for old, new in RENAMED.get(cls, {}).items():
+        if old in data:
+            raise S2DError(f"{f'{where}.' if where else ''}{old} was renamed: write {new}")
     unknown = sorted(set(data) - names)
     if unknown:
         raise S2DError(f"{where or cls.__name__}: unknown key(s) {unknown}; allowed: {sorted(names)}")

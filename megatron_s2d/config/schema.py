@@ -72,9 +72,12 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    warmup_steps: int = 0
+    """Optimizer and learning-rate schedule of a trained model. The schedule's unit is the optimizer update: a stage
+    makes ``steps x updates_per_step`` updates, and that is the schedule's horizon."""
+
+    lr: float = 1e-5  # peak learning rate
+    min_lr: float = 0.0  # cosine: the rate reached at the end of the stage (last update + 1)
+    warmup_updates: int = 0  # linear warmup, in optimizer updates (not stage steps): steps x updates_per_step in all
     schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -89,6 +92,7 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28  # clip-higher (DAPO)
     kl_beta: float = 0.0  # k3 KL to the reference policy (0: no reference model is loaded)
+    kl_clamp: float = 10.0  # the per-token k3 value is clamped to [-kl_clamp, kl_clamp] (verl), after the log-ratio
     scale_by_std: bool = True  # False: Dr. GRPO advantages
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
@@ -99,7 +103,11 @@ class GRPOConfig:
 class DistillConfig:
     fkl_mode: Literal["sampled", "topk"] = "topk"  # Stage 2a: sampled-token NLL or top-k forward KL + tail
     topk: int = 16  # teacher top-k log-probs cached with the teacher rollouts
-    tail: bool = True  # include the tail bucket in top-k KLs
+    tail: bool = True  # include the tail bucket in top-k KLs (required for the top-k reverse KL of opd_mode "topk")
+    # the cached teacher top-k of fkl_mode "topk" gives the teacher's tail mass only as 1 - sum(top-k probs), which
+    # rounds to <= 0 when the teacher is confident; below this floor it counts as the floor (a constant: the student's
+    # tail is always computed exactly from its logits, so its gradient is never floored)
+    teacher_tail_floor: float = 1e-6
     teacher_samples_per_prompt: int = 4  # teacher rollouts per prompt for the Stage 2a cache
     opd_mode: Literal["sampled", "topk"] = "sampled"  # Stage 2b: sampled reverse KL advantage, or top-k reverse KL
     opd_task_reward_coef: float = 0.0  # add coef * sparse task reward to the dense OPD advantage
@@ -183,3 +191,10 @@ class PlanConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     toy_world: bool = False  # build the embedded toy world (tiny models + tokenizer) under run_dir if missing
     toy_world_seed: int = 0  # its build seed (base accuracies quoted in the README are for seed 0)
+
+
+# Keys that older plans used, per config class: loading one fails with a message that says what to write instead.
+RENAMED: dict[type, dict[str, str]] = {
+    OptimConfig: {"warmup_steps": "warmup_updates (it counts optimizer updates: a stage makes steps x "
+                                  "updates_per_step of them; warmup_steps was always counted in updates too)"},
+}

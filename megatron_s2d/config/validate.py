@@ -90,22 +90,71 @@ def _check_stage(plan: PlanConfig, s: StageConfig, where: str) -> None:
                         ("micro_batch_tokens", s.micro_batch_tokens)):
         if value < 1:
             raise S2DError(f"{w}.{name} = {value} must be >= 1")
-    seqs = s.prompts_per_step * s.samples_per_prompt
-    if seqs % s.updates_per_step:
-        raise S2DError(f"{w}: prompts_per_step x samples_per_prompt = {seqs} sequences is not divisible by "
-                       f"updates_per_step = {s.updates_per_step}")
     if s.kind in RL_KINDS and s.samples_per_prompt < 2:
         raise S2DError(f"{w}.samples_per_prompt = {s.samples_per_prompt}: GRPO needs a group of >= 2 samples")
     if s.rollout.max_new_tokens >= s.micro_batch_tokens:
         raise S2DError(f"{w}.micro_batch_tokens = {s.micro_batch_tokens} cannot hold one sequence of "
                        f"max_new_tokens = {s.rollout.max_new_tokens} plus its prompt")
-    if s.kind == "fkl_warmup" and s.distill.fkl_mode == "topk" and s.distill.topk < 1:
+    d, r = s.distill, s.rollout
+    if s.kind == "fkl_warmup" and d.fkl_mode == "topk" and d.topk < 1:
         raise S2DError(f"{w}.distill.topk must be >= 1 for fkl_mode = 'topk'")
+    if s.kind == "fkl_warmup" and d.teacher_samples_per_prompt < 1:
+        raise S2DError(f"{w}.distill.teacher_samples_per_prompt = {d.teacher_samples_per_prompt} must be >= 1")
+    if s.kind == "opd" and d.opd_mode == "topk":
+        if d.topk < 1:
+            raise S2DError(f"{w}.distill.topk must be >= 1 for opd_mode = 'topk'")
+        if not d.tail:
+            raise S2DError(f"{w}.distill.tail = false with opd_mode = 'topk': the top-k reverse KL without the tail "
+                           "bucket pushes the student's mass out of its top-k (the wrong direction); set tail: true")
+    if not 0 < d.teacher_tail_floor < 1:
+        raise S2DError(f"{w}.distill.teacher_tail_floor = {d.teacher_tail_floor} must be in (0, 1)")
+    # every stage kind trains on sampled log-probs at the rollout temperature (see policy.objectives): greedy
+    # decoding has no sampling distribution to train on
+    if not (r.temperature > 0 and math.isfinite(r.temperature)):
+        raise S2DError(f"{w}.rollout.temperature = {r.temperature}: a {s.kind} stage trains on the sampling "
+                       "distribution softmax(logits / T), so T must be a finite number > 0 (0 = greedy is for "
+                       "evaluation only)")
+    if not 0 < r.top_p <= 1 or r.top_k < 0 or r.max_new_tokens < 1:
+        raise S2DError(f"{w}.rollout: top_p must be in (0, 1], top_k >= 0 and max_new_tokens >= 1")
     o = s.optim
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise S2DError(f"{w}.optim.lr = {o.lr} must be a positive number")
-    if not 0 <= s.grpo.eps_low < 1 or s.grpo.eps_high < 0:
-        raise S2DError(f"{w}.grpo: eps_low must be in [0, 1) and eps_high >= 0")
+    if o.warmup_updates < 0 or not 0 <= o.min_lr <= o.lr:
+        raise S2DError(f"{w}.optim: warmup_updates must be >= 0 and 0 <= min_lr <= lr")
+    for name, clip in (("grpo", s.grpo), ("distill", s.distill)):
+        if not 0 <= clip.eps_low < 1 or clip.eps_high < 0:
+            raise S2DError(f"{w}.{name}: eps_low must be in [0, 1) and eps_high >= 0 (got {clip.eps_low}, "
+                           f"{clip.eps_high})")
+    if not s.grpo.kl_clamp > 0:
+        raise S2DError(f"{w}.grpo.kl_clamp = {s.grpo.kl_clamp} must be > 0")
+
+
+def rows_per_prompt(stage: StageConfig) -> int:
+    """Training sequences per prompt: the teacher samples of the forward-KL warmup, the policy's samples otherwise."""
+    return stage.distill.teacher_samples_per_prompt if stage.kind == "fkl_warmup" else stage.samples_per_prompt
+
+
+def batch_layout_errors(plan: PlanConfig, stage: StageConfig) -> list[str]:
+    """Problems a stage job would hit at step 0 with the job's layout: its prompts are split over the data-parallel
+    ranks of the model it trains (DP = world / (tp x pp)), and every rank cuts its rows into ``updates_per_step``
+    mini-batches. Checked when the plan is loaded and by the dry run, naming the stage and the fields."""
+    role = policy_model(stage)
+    m = plan.models[role]
+    world = plan.launch.nodes * plan.launch.procs_per_node
+    if m.tp < 1 or m.pp < 1 or world % (m.tp * m.pp):
+        return []  # reported by the world-size check
+    dp = world // (m.tp * m.pp)
+    w = f"stages.{stage.name}"
+    if stage.prompts_per_step % dp:
+        return [f"{w}.prompts_per_step = {stage.prompts_per_step} does not divide over the {dp} data-parallel ranks "
+                f"of models.{role} (world {world} / tp {m.tp} / pp {m.pp}); use a multiple of {dp}"]
+    rows = stage.prompts_per_step // dp * rows_per_prompt(stage)
+    what = ("distill.teacher_samples_per_prompt" if stage.kind == "fkl_warmup" else "samples_per_prompt")
+    if stage.updates_per_step > rows:
+        return [f"{w}.updates_per_step = {stage.updates_per_step} exceeds the {rows} sequences each data-parallel rank "
+                f"trains on per step (prompts_per_step / dp x {what} = {stage.prompts_per_step} / {dp} x "
+                f"{rows_per_prompt(stage)}): some updates would have no rows; lower updates_per_step"]
+    return []
 
 
 def consumes_labels(stage: StageConfig) -> bool:
@@ -204,3 +253,6 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
         if world % (m.tp * m.pp):
             raise S2DError(f"{where}: models.{role}: tp x pp = {m.tp * m.pp} does not divide the world size "
                            f"{world} (launch.nodes x launch.procs_per_node)")
+    errors = [e for s in plan.stages for e in batch_layout_errors(plan, s)]
+    if errors:
+        raise S2DError(f"{where}: " + "; ".join(errors))

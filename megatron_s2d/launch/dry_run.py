@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_s2d.config.schema import PlanConfig
-from megatron_s2d.config.validate import policy_model
+from megatron_s2d.config.validate import batch_layout_errors, policy_model
 from megatron_s2d.errors import S2DError
 from megatron_s2d.launch.jobs import Job
 from megatron_s2d.launch.memory import (
@@ -139,11 +139,7 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
     else:
         role = policy_model(stage)
         dp = layouts[role][2]
-        per_update = stage.prompts_per_step * stage.samples_per_prompt // stage.updates_per_step
-        if per_update % dp:
-            errors.append(f"{job.name}: prompts_per_step x samples_per_prompt / updates_per_step = {per_update} "
-                          f"sequences per update do not split evenly over the {dp} data-parallel ranks of "
-                          f"models.{role}")
+        errors.extend(f"{job.name}: {e}" for e in batch_layout_errors(plan, stage))
         memory = estimate_stage_memory(plan, stage, archs, dp)
     if not memory.fits:
         errors.append(f"{job.name}: over the per-GPU memory budget: {memory.describe()}; lower "

@@ -12,8 +12,12 @@ dynamic sampling, Yu et al. 2025). With G = 1 every group is zero-variance.
 
 OPD (on-policy distillation): on student samples the dense reward is log pi_T(y_t|s_t); with the entropy bonus
 of max-entropy RL the per-token advantage is the sampled reverse-KL term
-    a_t = log pi_T(y_t|s_t) - log pi_S(y_t|s_t)   (+ coef * r(x, y) broadcast to every token, optional)
+    a_t = log pi_T(y_t|s_t) - log pi_S(y_t|s_t)   (+ coef * A_i, optional)
 where pi_S is the behaviour (sampling) policy, so a_t is a constant (no gradient). No clamping is applied.
+The optional sparse task reward r_i in {0, 1} enters through its GRPO advantage over the prompt's G samples,
+A_i = (r_i - mean_G r) / (std_G r + eps), broadcast to every token of sample i: a group baseline. Adding the raw
+reward coef * r_i instead would shift every token of every correct sample by the same constant (a baseline-free
+REINFORCE term whose variance grows with the response length and which rewards length when most samples are right).
 """
 
 from __future__ import annotations
@@ -86,10 +90,13 @@ def opd_token_advantages(
     teacher_logprobs: torch.Tensor,  # (B, T) log pi_T(y_t | s_t) of the sampled tokens
     student_logprobs: torch.Tensor,  # (B, T) log pi_S(y_t | s_t) under the behaviour policy
     mask: torch.Tensor,  # (B, T) loss tokens
-    task_reward: torch.Tensor | None = None,  # (B,) sparse sequence reward
+    task_reward: torch.Tensor | None = None,  # (B,) sparse sequence reward, B = N prompts x group_size, grouped
     task_reward_coef: float = 0.0,
+    group_size: int = 1,
+    scale_by_std: bool = True,
 ) -> torch.Tensor:
-    """Per-token OPD advantages (B, T), detached, exactly 0 at masked positions (whatever the inputs hold there)."""
+    """Per-token OPD advantages (B, T), detached, exactly 0 at masked positions (whatever the inputs hold there).
+    With a task reward: + task_reward_coef * (GRPO advantage of the reward within each group of ``group_size``)."""
     check_2d("teacher_logprobs", teacher_logprobs)
     check_shapes(tuple(teacher_logprobs.shape), student_logprobs=student_logprobs, mask=mask)
     if task_reward_coef != 0.0 and task_reward is None:
@@ -98,5 +105,6 @@ def opd_token_advantages(
     adv = teacher_logprobs.detach() - student_logprobs.detach()  # (B, T)
     if task_reward is not None and task_reward_coef != 0.0:
         check_shapes((teacher_logprobs.shape[0],), task_reward=task_reward)
-        adv = adv + task_reward_coef * task_reward.detach().to(adv.dtype)[:, None]
+        group = grpo_advantages(task_reward.detach().to(adv.dtype), group_size, scale_by_std=scale_by_std)
+        adv = adv + task_reward_coef * group.advantages.to(adv.dtype)[:, None]
     return zero_masked(adv, mask)

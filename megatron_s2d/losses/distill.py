@@ -11,14 +11,17 @@ distribution on theta is not differentiated, as in GKD / top-k OPD).
 
 Approximation: with the tail, the top-k loss is exactly KL between the (k+1)-bucket coarsenings of the two
 distributions (k ids + "everything else"), which by the data-processing inequality is a lower bound on the full
-KL, equal to it when k = V. Without the tail it is just the top-k partial sum (not a divergence).
-Numerics: the tail mass is computed in log space as log(-expm1(logsumexp_k)) and floored at `tail_floor`
-(default 1e-6): fp32 log-probs from logits of size ~10-30 carry absolute errors ~1e-6, so the top-k mass can round
-to >= 1 and a smaller tail is rounding noise whose log would blow up the gradient. A floored tail counts as exactly
-`tail_floor` and passes no gradient; when both tails are floored the tail term is 0 (so K = V is exact). Where a
-TRUE tail is below the floor the tail term, and the gradient it would give, is underestimated; the top-k terms are
-unaffected. Measured: fp32 and fp64 losses and logit gradients agree to ~3e-6 (relative) at V = 32000, K = 20,
-including students with tails ~1e-13.
+KL, equal to it when k = V. Without the tail it is just the top-k partial sum (not a divergence): allowed for the
+forward KL (it is then a cross-entropy on the teacher's top-k, which pulls the student's mass onto those ids), refused
+for the reverse KL (the partial sum sum_{v in K} p_S(v) log(p_S(v) / p_T(v)) decreases by moving the student's mass
+OUT of K, into the unpenalised tail: the wrong direction).
+Tails: a model whose logits are at hand gives its tail exactly, as a log-sum-exp over the ids outside the k
+(``policy.logprobs.tail_logprob``, vocab-parallel); pass it as ``student_log_tail`` / ``teacher_log_tail``. Its
+gradient is then exact however small the tail: with a tail computed as 1 - sum(top-k) and floored, a collapsed student
+tail (below the floor) received no restoring gradient and never recovered (fp64: tail-logit gradient +1e-8 with the
+floor against -0.955 exact). Only a tail known solely through its top-k (the teacher's cached top-k log-probs of the
+forward-KL warmup) is computed as log(-expm1(logsumexp_k)) and floored at ``tail_floor``: its fp32 rounding (~1e-6)
+makes a smaller value noise; it carries no gradient (the teacher is fixed), so the floor only bounds a constant.
 Masked positions may hold anything (padding, -inf): they are zeroed before use and get zero gradient.
 Ids where the first distribution has zero mass (-inf log-prob) contribute 0; if the second distribution is -inf
 where the first has mass, the KL is +inf (as it truly is) - the caller's NaN/inf loss check catches it.
@@ -63,12 +66,23 @@ def _log_tail(logprobs_k: torch.Tensor, tail_floor: float) -> tuple[torch.Tensor
     return lse, torch.log(tail)
 
 
+def _tail_term(log_tail_p: torch.Tensor, log_tail_q: torch.Tensor) -> torch.Tensor:
+    """p_tail (log p_tail - log q_tail) per position, 0 where p_tail = 0 (an empty tail: k = V), in forward and
+    backward (no inf * 0)."""
+    has = torch.isfinite(log_tail_p)
+    lp = zero_masked(log_tail_p, has)
+    lq = zero_masked(log_tail_q, has)
+    return zero_masked(torch.exp(lp) * (lp - lq), has)
+
+
 def _topk_kl(
     p_logprobs: torch.Tensor,  # (B, T, K) log p at the k ids (the distribution the KL is taken under)
     q_logprobs: torch.Tensor,  # (B, T, K) log q at the same ids
     mask: torch.Tensor,  # (B, T) bool
     tail: bool,
     tail_floor: float,
+    p_log_tail: torch.Tensor | None = None,  # (B, T) exact log tail mass of p (else from its top-k, floored)
+    q_log_tail: torch.Tensor | None = None,  # (B, T) exact log tail mass of q
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token KL(p || q) over k ids (+ tail bucket): returns (kl (B, T), log p top-k mass, log q top-k mass)."""
     m3 = mask[..., None]
@@ -82,7 +96,11 @@ def _topk_kl(
     lse_p, log_tail_p = _log_tail(lp, tail_floor)
     lse_q, log_tail_q = _log_tail(lq, tail_floor)
     if tail:
-        kl = kl + torch.exp(log_tail_p) * (log_tail_p - log_tail_q)
+        if p_log_tail is not None:
+            log_tail_p = zero_masked(p_log_tail, mask)
+        if q_log_tail is not None:
+            log_tail_q = zero_masked(q_log_tail, mask)
+        kl = kl + _tail_term(log_tail_p, log_tail_q)
     return kl, lse_p, lse_q
 
 
@@ -106,13 +124,17 @@ def forward_kl_topk(
     tail: bool = True,
     *,
     tail_floor: float = 1e-6,
+    student_log_tail: torch.Tensor | None = None,  # (B, T) exact log of the student's mass outside the ids
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-mean top-k forward KL(p_T || p_S). Metrics: token_count, kl_sum, teacher_topk_mass_sum,
-    student_topk_mass_sum (student mass on the teacher's top-k ids)."""
+    """Token-mean top-k forward KL(p_T || p_S). The teacher's tail comes from its top-k (floored at ``tail_floor``);
+    the student's from ``student_log_tail`` when given (exact gradient; see the module docstring), else from its
+    log-probs at the ids. Metrics: token_count, kl_sum, teacher_topk_mass_sum, student_topk_mass_sum (student mass on
+    the teacher's top-k ids)."""
     _check_topk(student_logprobs_at_ids, "teacher_topk_logprobs", teacher_topk_logprobs, mask, tail_floor)
+    check_shapes(tuple(student_logprobs_at_ids.shape[:2]), student_log_tail=student_log_tail)
     mask = as_bool_mask(mask)
     kl, lse_t, lse_s = _topk_kl(
-        teacher_topk_logprobs.detach(), student_logprobs_at_ids, mask, tail, tail_floor
+        teacher_topk_logprobs.detach(), student_logprobs_at_ids, mask, tail, tail_floor, q_log_tail=student_log_tail
     )
     loss = aggregate(kl, mask, "token_mean", global_num_tokens, None)
     return loss, _topk_metrics(kl, mask, teacher=lse_t, student=lse_s)
@@ -126,13 +148,24 @@ def reverse_kl_topk(
     tail: bool = True,
     *,
     tail_floor: float = 1e-6,
+    student_log_tail: torch.Tensor | None = None,  # (B, T) exact log of the student's mass outside the ids
+    teacher_log_tail: torch.Tensor | None = None,  # (B, T) exact log of the teacher's mass outside the ids
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-mean top-k reverse KL(p_S || p_T), gradient through p_S. Metrics: token_count, kl_sum,
-    student_topk_mass_sum, teacher_topk_mass_sum (teacher mass on the student's top-k ids)."""
+    """Token-mean top-k reverse KL(p_S || p_T) with the tail bucket, gradient through p_S (``tail=False`` is refused:
+    see the module docstring). Tails are exact when given, else computed from the top-k log-probs (floored).
+    Metrics: token_count, kl_sum, student_topk_mass_sum, teacher_topk_mass_sum (teacher mass on the student's top-k
+    ids)."""
+    if not tail:
+        raise S2DError("reverse_kl_topk: tail=False would push the student's mass out of its top-k into the "
+                       "unpenalised tail (the wrong direction); the top-k reverse KL needs the tail bucket")
     _check_topk(student_logprobs_at_ids, "teacher_logprobs_at_ids", teacher_logprobs_at_ids, mask, tail_floor)
+    check_shapes(tuple(student_logprobs_at_ids.shape[:2]), student_log_tail=student_log_tail,
+                 teacher_log_tail=teacher_log_tail)
     mask = as_bool_mask(mask)
     kl, lse_s, lse_t = _topk_kl(
-        student_logprobs_at_ids, teacher_logprobs_at_ids.detach(), mask, tail, tail_floor
+        student_logprobs_at_ids, teacher_logprobs_at_ids.detach(), mask, tail, tail_floor,
+        p_log_tail=student_log_tail,
+        q_log_tail=None if teacher_log_tail is None else teacher_log_tail.detach(),
     )
     loss = aggregate(kl, mask, "token_mean", global_num_tokens, None)
     return loss, _topk_metrics(kl, mask, teacher=lse_t, student=lse_s)

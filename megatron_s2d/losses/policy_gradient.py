@@ -4,15 +4,15 @@ Per token (PPO, Schulman et al. 2017, eq. 7; GRPO, Shao et al. 2024, eq. 3):
     rho_t = exp(log pi_theta(y_t|s_t) - log pi_old(y_t|s_t))
     l_t   = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)      (eps_low != eps_high: DAPO clip-higher)
           [+ for A_t < 0 with dual_clip_c = c > 1:  l_t = min(l_t, -c A_t)   (dual clip, Ye et al. 2020)]
-          + kl_beta * k3(pi_theta || pi_ref)_t                                 (optional, GRPO's KL penalty)
+          + kl_beta * min(k3(pi_theta || pi_ref)_t, kl_clamp)                  (optional, GRPO's KL penalty)
 then aggregated with global normalisers (see `_common.LOSS_AGGS`): summing the returned loss over micro-batches
 and data-parallel ranks gives the full-batch objective. NOTE for the caller: data-parallel gradient *averaging*
 (Megatron DDP's default) divides by dp_size; either sum gradients or multiply the loss by dp_size.
 
 GRPO passes one advantage per sequence, shape (B,); OPD passes per-token advantages (B, T).
 Deviation from the GRPO paper: the KL term is the k3 estimator on the sampled token (as in the paper), but
-log(pi_ref/pi_theta) and log rho are clamped to [-20, 20] before exp, as verl does, so a single extreme token
-cannot overflow; inside that range nothing changes.
+log(pi_ref/pi_theta) and log rho are clamped to [-20, 20] before exp, and the k3 value itself to ``kl_clamp``
+(default 10), as verl does, so a single extreme token can neither overflow nor dominate the batch.
 Inputs are NOT checked for NaN/inf at loss positions (that costs a device sync; the caller checks the loss).
 Masked positions may hold anything (padding, -inf): they are zeroed before use and get zero gradient.
 """
@@ -39,6 +39,7 @@ def clipped_pg_loss(
     eps_high: float = 0.2,
     ref_logprobs: torch.Tensor | None = None,  # (B, T) log pi_ref(y_t|s_t)
     kl_beta: float = 0.0,
+    kl_clamp: float | None = 10.0,
     dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss; returns (scalar loss, metrics). See module docstring and `losses.metrics`.
@@ -83,7 +84,7 @@ def clipped_pg_loss(
 
     kl = None
     if ref_logprobs is not None:
-        kl = sampled_kl(logp, zero_masked(ref_logprobs.detach(), mask), "k3")  # (B, T)
+        kl = sampled_kl(logp, zero_masked(ref_logprobs.detach(), mask), "k3", clamp=kl_clamp)  # (B, T)
         if kl_beta != 0.0:
             per_token = per_token + kl_beta * kl
 

@@ -76,8 +76,23 @@ def _require(cfg: dict, key: str, where: str) -> Any:
     return cfg[key]
 
 
+def _library_config(model_type: str, cfg: dict[str, Any], where: str):
+    """``cfg`` as transformers' own config class of ``model_type`` (Qwen3Config / LlamaConfig), so every field the
+    file omits takes the library's default, exactly as ``from_pretrained`` would load it: e.g. Qwen3Config defaults to
+    untied embeddings, head_dim 128, 32 key/value heads and 32768 positions; LlamaConfig to head_dim = hidden / heads
+    and key/value heads = attention heads."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "qwen3": Qwen3Config}[model_type]
+    try:
+        return cls(**{k: v for k, v in cfg.items() if k != "model_type"})
+    except Exception as e:  # TypeError / ValueError / huggingface_hub's strict validation errors
+        raise S2DError(f"{where}: not a valid {cls.__name__} (transformers refuses it too): {e}") from e
+
+
 def arch_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ArchSpec:
-    """Validate an HF config dict and return the :class:`ArchSpec`; refuse what we do not support, naming the field."""
+    """Validate an HF config dict and return the :class:`ArchSpec`; refuse what we do not support, naming the field.
+    Fields the dict omits take the defaults of transformers' config class for its ``model_type``."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
         raise S2DError(
@@ -87,48 +102,48 @@ def arch_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> Arch
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
         if cfg.get(key):
             raise S2DError(f"{where}: field '{key}' = {cfg[key]} (mixture of experts) is not supported")
-    if cfg.get("use_sliding_window") or (model_type == "llama" and cfg.get("sliding_window")):
+    for key in ("num_attention_heads", "hidden_size", "vocab_size", "intermediate_size", "num_hidden_layers"):
+        _require(cfg, key, where)  # the shape of a model: never taken from a library default
+    hf = _library_config(model_type, cfg, where)
+    if getattr(hf, "use_sliding_window", False) or (model_type == "llama" and getattr(hf, "sliding_window", None)):
         raise S2DError(f"{where}: field 'use_sliding_window'/'sliding_window' (sliding-window attention) is not supported")
     for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
+        if getattr(hf, key, False):
             raise S2DError(f"{where}: field '{key}' = true is not supported (Llama-3/Qwen3 use no linear biases)")
-    act = cfg.get("hidden_act", "silu")
+    act = hf.hidden_act
     if act != "silu":
         raise S2DError(f"{where}: field 'hidden_act' = {act!r} is not supported (only 'silu' / SwiGLU)")
-    if cfg.get("pretraining_tp", 1) not in (1, None):
-        raise S2DError(f"{where}: field 'pretraining_tp' = {cfg['pretraining_tp']} is not supported (must be 1)")
-    heads = int(_require(cfg, "num_attention_heads", where))
-    hidden = int(_require(cfg, "hidden_size", where))
-    kv = int(cfg.get("num_key_value_heads") or heads)
+    if getattr(hf, "pretraining_tp", 1) not in (1, None):
+        raise S2DError(f"{where}: field 'pretraining_tp' = {hf.pretraining_tp} is not supported (must be 1)")
+    heads, hidden = int(hf.num_attention_heads), int(hf.hidden_size)
+    kv = int(hf.num_key_value_heads or heads)
     if heads % kv:
         raise S2DError(f"{where}: 'num_attention_heads' ({heads}) must be a multiple of 'num_key_value_heads' ({kv})")
-    head_dim = cfg.get("head_dim") or hidden // heads
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    head_dim = getattr(hf, "head_dim", None) or hidden // heads
+    # transformers 5 folds rope_theta / rope_scaling into rope_parameters; 4.x keeps them apart
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     rope_scaling = None
-    if rope:
-        rtype = rope.get("rope_type", rope.get("type"))
-        if rtype in (None, "default"):
-            rope_scaling = None
-        elif rtype == "llama3":
-            rope_scaling = RopeScaling(
-                factor=float(rope["factor"]), low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
-            )
-        else:
-            raise S2DError(f"{where}: field 'rope_scaling.rope_type' = {rtype!r} is not supported (only 'llama3')")
-    rope_theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
-    tie = cfg.get("tie_word_embeddings")
-    if tie is None:
-        tie = False if model_type == "llama" else True  # the HF defaults of LlamaConfig / Qwen3Config
+    rtype = rope.get("rope_type", rope.get("type"))
+    if rtype in (None, "default"):
+        rope_scaling = None
+    elif rtype == "llama3":
+        rope_scaling = RopeScaling(
+            factor=float(rope["factor"]), low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+        )
+    else:
+        raise S2DError(f"{where}: field 'rope_scaling.rope_type' = {rtype!r} is not supported (only 'llama3')")
+    rope_theta = getattr(hf, "rope_theta", None) or rope.get("rope_theta")
+    if rope_theta is None:
+        raise S2DError(f"{where}: no rope_theta in the config or in the library's defaults")
     return ArchSpec(
-        model_type=model_type, vocab_size=int(_require(cfg, "vocab_size", where)), hidden_size=hidden,
-        intermediate_size=int(_require(cfg, "intermediate_size", where)),
-        num_layers=int(_require(cfg, "num_hidden_layers", where)), num_attention_heads=heads, num_kv_heads=kv,
-        head_dim=int(head_dim), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), tie_word_embeddings=bool(tie),
-        qk_norm=(model_type == "qwen3"), rope_scaling=rope_scaling, bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=cfg.get("eos_token_id"),
+        model_type=model_type, vocab_size=int(hf.vocab_size), hidden_size=hidden,
+        intermediate_size=int(hf.intermediate_size), num_layers=int(hf.num_hidden_layers), num_attention_heads=heads,
+        num_kv_heads=kv, head_dim=int(head_dim), rms_norm_eps=float(hf.rms_norm_eps), rope_theta=float(rope_theta),
+        max_position_embeddings=int(hf.max_position_embeddings), tie_word_embeddings=bool(hf.tie_word_embeddings),
+        qk_norm=(model_type == "qwen3"), rope_scaling=rope_scaling, bos_token_id=hf.bos_token_id,
+        eos_token_id=hf.eos_token_id,
     )
 
 

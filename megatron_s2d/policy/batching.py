@@ -83,6 +83,21 @@ def slice_batch(batch: dict[str, torch.Tensor], rows: list[int], length: int) ->
     return out
 
 
+def placeholder_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One zero-weight row (2 pad tokens, ``loss_mask`` all zero, every other field zero) with the fields and
+    trailing shapes of the empty ``batch`` (0 rows). A rank whose share of a step is empty trains on it, so it joins
+    the step's collectives (gradient all-reduce, pipeline sends) with a zero loss and zero gradients, instead of
+    leaving the other ranks waiting."""
+    if batch["tokens"].shape[0] != 0:
+        raise S2DError(f"placeholder_batch: expected an empty batch, got {batch['tokens'].shape[0]} rows")
+    out = {}
+    for k, v in batch.items():
+        shape = (1,) if v.dim() == 1 else (1, 2) + tuple(v.shape[2:])
+        out[k] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+    out["lengths"] = torch.tensor([2], dtype=batch["lengths"].dtype)
+    return out
+
+
 def plan_packs(lengths: list[int], micro_batch_tokens: int) -> MicroBatchPlan:
     """First-fit decreasing bins of whole sequences with at most ``micro_batch_tokens`` real tokens each.
 

@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from megatron_s2d.errors import S2DError
 
-__all__ = ["entropy", "token_logprobs", "topk_logprobs"]
+__all__ = ["entropy", "tail_logprob", "token_logprobs", "topk_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -263,6 +263,102 @@ def token_logprobs(
     out, ent = _TokenLogprobs.apply(flat, ids, shard, chunk_size, float(temperature), bool(return_entropy))
     out = out.reshape(target_ids.shape) if has_k else out.reshape(logits.shape[:-1])
     return (out, ent.reshape(logits.shape[:-1])) if return_entropy else out
+
+
+# --------------------------------------------------------------------------------------------- tail mass
+
+
+def _owned_columns(local: torch.Tensor, owned: torch.Tensor, v_local: int) -> torch.Tensor:
+    """(n, V_local) bool: the columns of this shard that hold one of the ids. Non-owned ids were clamped onto some
+    column, possibly one an owned id also names: counting (scatter_add) instead of writing flags (scatter) keeps a
+    duplicate index from overwriting an owned column's flag."""
+    hits = torch.zeros(local.shape[0], v_local, dtype=torch.int32, device=local.device)
+    return hits.scatter_add_(1, local, owned.to(torch.int32)) > 0
+
+
+class _TailLogprob(torch.autograd.Function):
+    """log sum_{v not in ids} p(v) for logits (N, V_local) and global ids (N, K) -> (N,); analytic, chunked backward.
+
+    The mass outside the ids is summed directly (the ids' columns masked out), never as 1 - sum(p(ids)): that
+    difference rounds to 0 (or below) when the ids hold almost all the mass, and a floor on it would cut the gradient
+    that should pull mass back into the tail. Both log-sum-exps are shifted by their own global max, so a tail of
+    1e-30 is still exact. Gradient: d log P_tail / dz = q - p, with p = softmax(z) and q = softmax(z) restricted to
+    the tail and renormalised. When the ids cover the whole vocabulary the tail is empty: -inf, zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, shard: _Shard, chunk_size, temperature):
+        cdt = _compute_dtype(logits)
+        n = logits.shape[0]
+        local = ids - shard.vocab_start  # (N, K)
+        owned = (local >= 0) & (local < shard.v_local)
+        local = local.clamp_(0, shard.v_local - 1)
+        lse = torch.empty(n, dtype=cdt, device=logits.device)  # (N,) over the whole vocabulary
+        lse_tail = torch.empty(n, dtype=cdt, device=logits.device)  # (N,) over the ids' complement
+        neg_inf = torch.tensor(float("-inf"), dtype=cdt, device=logits.device)
+        for rows in _row_chunks(n, chunk_size):
+            z = _scaled(logits[rows], cdt, temperature)  # (n_c, V_local)
+            zt = z.masked_fill(_owned_columns(local[rows], owned[rows], shard.v_local), float("-inf"))
+            m = torch.stack([z.amax(dim=-1), zt.amax(dim=-1)], dim=1)  # (n_c, 2)
+            shard.all_reduce(m, dist.ReduceOp.MAX)
+            m_all, m_tail = m[:, 0], m[:, 1]
+            safe = torch.where(torch.isfinite(m_tail), m_tail, torch.zeros_like(m_tail))
+            sums = torch.stack([(z - m_all[:, None]).exp_().sum(dim=-1),
+                                (zt - safe[:, None]).exp_().sum(dim=-1)], dim=1)  # (n_c, 2)
+            del z, zt
+            shard.all_reduce(sums, dist.ReduceOp.SUM)
+            lse[rows] = m_all + sums[:, 0].log()
+            lse_tail[rows] = torch.where(torch.isfinite(m_tail), safe + sums[:, 1].log(), neg_inf)
+        ctx.save_for_backward(logits, local, owned, lse, lse_tail)
+        ctx.shard, ctx.chunk_size, ctx.temperature = shard, chunk_size, temperature
+        return lse_tail - lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        logits, local, owned, lse, lse_tail = ctx.saved_tensors
+        g = grad_out.to(lse.dtype)  # (N,)
+        empty = ~torch.isfinite(lse_tail)  # no tail: the value is a constant -inf
+        g = g.masked_fill(empty, 0.0)
+        lse_tail = lse_tail.masked_fill(empty, 0.0)
+        grad = torch.empty_like(logits)  # (N, V_local)
+        for rows in _row_chunks(logits.shape[0], ctx.chunk_size):
+            z = _scaled(logits[rows], lse.dtype, ctx.temperature)  # (n_c, V_local)
+            q = (z - lse_tail[rows, None]).exp_().masked_fill_(
+                _owned_columns(local[rows], owned[rows], logits.shape[1]), 0.0)
+            q.sub_(z.sub_(lse[rows, None]).exp_()).mul_(g[rows, None])  # g * (q - p)
+            if ctx.temperature != 1.0:
+                q.div_(ctx.temperature)
+            grad[rows] = q
+        return grad, None, None, None, None
+
+
+def tail_logprob(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    tp_group=None,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log of the probability mass OUTSIDE ``ids`` under softmax(logits / temperature), from a vocab shard.
+
+    Args:
+        logits: (B, T, V_local) this rank's vocab shard (any leading shape works).
+        ids: (B, T, K) distinct global token ids per position (e.g. a top-k set).
+        tp_group, chunk_size, temperature: as in :func:`token_logprobs`.
+
+    Returns:
+        (B, T) fp32 log tail mass (fp64 for fp64 logits), differentiable w.r.t. `logits` (exact, no floor; see
+        :class:`_TailLogprob`); -inf where ``ids`` cover the whole vocabulary.
+    """
+    shard = _shard_of(logits, tp_group)
+    _check_options(chunk_size, temperature)
+    flat_ids, has_k = _flat_targets(logits, ids, shard)
+    if not has_k:
+        raise S2DError(f"ids: expected shape {tuple(logits.shape[:-1])} + (K,), got {tuple(ids.shape)}")
+    flat = logits.reshape(-1, shard.v_local)  # (N, V_local)
+    out = _TailLogprob.apply(flat, flat_ids, shard, chunk_size, float(temperature))
+    return out.reshape(logits.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------- entropy

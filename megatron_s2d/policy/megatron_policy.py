@@ -3,7 +3,11 @@
 One class serves both roles so they share the forward path, the micro-batching and the log-prob maths:
   * trainable: megatron DDP (gradients summed over data parallel: losses carry global normalisers, so
     ``calculate_per_token_loss`` is set and DDP does not average), megatron's optimizer (the distributed optimizer on
-    nccl; a plain one on gloo, which cannot reduce-scatter), grad clipping, warmup + constant/cosine LR schedule.
+    nccl; a plain one on gloo, which cannot reduce-scatter), grad clipping, warmup + constant/cosine LR schedule
+    whose unit is the optimizer update (``total_updates`` = stage steps x updates per step; see
+    :meth:`MegatronPolicy.train_step` for which learning rate an update uses).
+  * an empty share of rows (a data-parallel rank whose rows were all filtered out) still takes part in every
+    collective of a train step with a zero-weight placeholder row, so the other ranks never wait for it.
   * frozen: eval mode, no grads; optionally in its own TP/PP layout (``groups``: a teacher at TP8 next to a student
     at TP1), which ``scorer.FrozenScorer`` wraps to serve the stage's data-parallel ranks.
 Every forward goes through megatron-core's pipeline schedule (``get_forward_backward_func``), so PP=1 and PP>1 share
@@ -23,8 +27,8 @@ from megatron_s2d.config.schema import ModelConfig, OptimConfig
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec
 from megatron_s2d.models.build import ModelOptions, build_gpt_model
-from megatron_s2d.policy.batching import (block_causal_mask, pack_rows, plan_micro_batches, plan_packs,
-                                          scatter_rows, slice_batch)
+from megatron_s2d.policy.batching import (block_causal_mask, pack_rows, placeholder_batch, plan_micro_batches,
+                                          plan_packs, scatter_rows, slice_batch)
 
 Objective = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
@@ -50,7 +54,7 @@ def _finalize_grads(models, num_tokens=None, **kwargs):
 
 class MegatronPolicy:
     def __init__(self, arch: ArchSpec, model_cfg: ModelConfig, optim: OptimConfig | None = None,
-                 total_steps: int = 1, seed: int = 1234, groups=None, initialize: bool = True):
+                 total_updates: int = 1, seed: int = 1234, groups=None, initialize: bool = True):
         from megatron.core import parallel_state as ps
 
         self.arch = arch
@@ -95,7 +99,7 @@ class MegatronPolicy:
             model.config.finalize_model_grads_func = _finalize_grads
             model.config.variable_seq_lengths = True  # micro-batches have different shapes (token budget)
             self.model = self._wrap_ddp(model, optim)
-            self._build_optimizer(optim, total_steps)
+            self._build_optimizer(optim, total_updates)
         else:
             model.config.variable_seq_lengths = True
             model.eval()
@@ -115,7 +119,10 @@ class MegatronPolicy:
             use_distributed_optimizer=self._use_dist_optimizer(optim))
         return DistributedDataParallel(model.config, ddp_cfg, model)
 
-    def _build_optimizer(self, optim: OptimConfig, total_steps: int) -> None:
+    def _build_optimizer(self, optim: OptimConfig, total_updates: int) -> None:
+        """Megatron's optimizer and LR scheduler. The scheduler's unit is one optimizer update: its horizon is
+        ``total_updates`` (stage steps x updates_per_step) and ``warmup_updates`` counts updates, so a cosine schedule
+        reaches ``min_lr`` at the end of the stage, not after its first 1/updates_per_step."""
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -127,11 +134,11 @@ class MegatronPolicy:
             use_distributed_optimizer=self._use_dist_optimizer(optim),
         )
         self.optimizer = get_megatron_optimizer(cfg, [self.model])
-        decay_steps = max(1, total_steps)
+        decay_steps = max(1, total_updates)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+            self.optimizer, init_lr=0.0 if optim.warmup_updates else optim.lr, max_lr=optim.lr,
             min_lr=optim.min_lr if optim.schedule == "cosine" else optim.lr,
-            lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
+            lr_warmup_steps=optim.warmup_updates, lr_decay_steps=max(decay_steps, optim.warmup_updates + 1),
             lr_decay_style="cosine" if optim.schedule == "cosine" else "constant",
             start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay_steps,
             wd_incr_style="constant",
@@ -147,6 +154,8 @@ class MegatronPolicy:
              forward_only: bool) -> tuple[list[dict], int, int]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if batch["tokens"].shape[0] == 0:  # an empty share: one zero-weight row keeps this rank in the collectives
+            batch = placeholder_batch(batch)
         lengths = batch["lengths"].tolist()
         if self.pack_sequences:
             plan = plan_packs(lengths, micro_batch_tokens)
@@ -223,6 +232,8 @@ class MegatronPolicy:
         finally:
             self.model.train(was_training)
         n, t = batch["tokens"].shape
+        if n == 0:  # the placeholder row of an empty share is not a result
+            store = []
         out = scatter_rows(((d["rows"], {k: v for k, v in d.items() if k != "rows"}) for d in store), n, t)
         # positions past a row's length depend on how rows were grouped into micro-batches: zero them so the
         # result is a function of the row alone
@@ -233,7 +244,11 @@ class MegatronPolicy:
 
     # ----------------------------------------------------------------------------------------------- train
     def train_step(self, batch: dict[str, torch.Tensor], objective: Objective, micro_batch_tokens: int) -> StepResult:
-        """One optimizer update on ``batch`` (this DP rank's rows). Raises NonFiniteError without updating."""
+        """One optimizer update on ``batch`` (this DP rank's rows; may be empty: see the module docstring). Raises
+        NonFiniteError without updating. ``metrics["lr"]`` is the learning rate this update used: update ``u``
+        (0-based, counted over the stage) uses megatron's schedule at ``u`` (warmup: ``lr * u / warmup_updates``, so
+        the first update of a warmup has lr 0, as in Megatron-LM; then constant, or cosine from ``lr`` towards
+        ``min_lr`` at ``total_updates``)."""
         if not self.trainable:
             raise S2DError("train_step called on a frozen model")
         self.model.train()
@@ -256,11 +271,20 @@ class MegatronPolicy:
             raise NonFiniteError(f"non-finite loss or gradients (loss metrics: {metrics}); the update was skipped "
                                  "and no checkpoint was written — lower optim.lr or check the inputs")
         metrics = _all_reduce_metrics(metrics, self.dp_group)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this update uses (the scheduler moves it next)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["lr"] = lr
         return StepResult(metrics=metrics, num_micro_batches=n_micro, padded_tokens=padded)
+
+    def skip_update(self) -> None:
+        """An update with no signal anywhere (every rank's rows filtered out): the weights and the optimizer state
+        stay as they are, but the schedule advances, so the learning rate of every later update is the planned one.
+        Every rank must call it together (a global decision)."""
+        if not self.trainable:
+            raise S2DError("skip_update called on a frozen model")
+        self.scheduler.step(increment=1)
 
 
 def _sum_metrics(store: list[dict]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,17 @@ losses always see (B, T) tensors.
 Micro-batch keys: ``tokens`` (B,T) long, ``lengths`` (B,), ``loss_mask`` (B,T) float, plus per objective:
   pg (GRPO / OPD):     ``old_logprobs`` (B,T), ``advantages`` (B,T), optional ``ref_logprobs`` (B,T)
   fkl_topk:            ``teacher_topk_ids`` (B,T,K) long, ``teacher_topk_logprobs`` (B,T,K)
-  rkl_topk (OPD top-k): ``student_topk_ids`` (B,T,K), ``teacher_logprobs_at_ids`` (B,T,K)
+  rkl_topk (OPD top-k): ``student_topk_ids`` (B,T,K), ``teacher_logprobs_at_ids`` (B,T,K), ``teacher_log_tail`` (B,T)
+
+Temperature: one convention for every objective, the rollout temperature T. Both models are compared as
+softmax(z / T): the student's log-probs in every loss, the teacher's scores (``logprob_values(temperature=T)``), the
+cached teacher top-k (the engines record log softmax(z / T)), and PPO's old log-probs. Tempering is the same bijection
+on both sides (softmax(z_S / T) = softmax(z_T / T) iff z_S = z_T up to a constant), so every distillation objective
+is minimised exactly at pi_S = pi_T, for any T > 0, and the forward-KL warmup, sampled OPD and top-k OPD all aim at
+the same student. On student samples drawn at T the sampled reverse KL is then on-policy for the tempered student.
+(Comparing the student at T with the teacher at 1, as sampled OPD once did, makes the optimum pi_S proportional to
+pi_T^T: flatter than the teacher for T < 1.) TRL's GKD divides the student's and the teacher's logits by the same
+temperature as well. T = 0 (greedy) is refused for training stages when the plan is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_s2d import losses
-from megatron_s2d.policy.logprobs import token_logprobs, topk_logprobs
+from megatron_s2d.policy.logprobs import tail_logprob, token_logprobs, topk_logprobs
 
 
 # fp32 work elements per chunk of the log-prob pass (2^28 = 1 GiB per work buffer): rows of logits are processed this
@@ -95,6 +105,14 @@ def target_logprobs_and_entropy(logits, mb: dict, tp_group, temperature: float =
     return _per_row(lp, mb), {"entropy_sum": (_per_row(ent, mb) * mb["loss_mask"]).sum()}
 
 
+def target_log_tail(logits, mb: dict, tp_group, temperature: float, ids_key: str):
+    """(B, T) log of the probability mass outside the ids ``mb[ids_key]`` (B, T, K) at each predicted position,
+    exact and differentiable (``logprobs.tail_logprob``)."""
+    lt = tail_logprob(logits, _next_targets(mb, ids_key), tp_group=tp_group, chunk_size=chunk_rows(logits),
+                      temperature=temperature)
+    return _per_row(lt, mb)
+
+
 @dataclass(frozen=True)
 class Normalisers:
     """Global (whole step, all DP ranks) counts the losses divide by."""
@@ -103,25 +121,29 @@ class Normalisers:
     num_seqs: float
 
 
-def logprob_values(tp_group, temperature: float = 1.0, topk: int = 0, ids_key: str | None = None):
-    """Forward-only objective returning per-row log-probs (and top-k, or log-probs at given ids)."""
+def logprob_values(tp_group, temperature: float, topk: int = 0, ids_key: str | None = None, tail: bool = False):
+    """Forward-only objective returning per-row log-probs at ``temperature`` (and top-k, or log-probs at given ids
+    with, for ``tail``, the log mass outside those ids)."""
 
     def objective(logits, mb):
         out = {"logprobs": target_logprobs(logits, mb, tp_group, temperature)}
         if topk:
-            vals, ids = topk_logprobs(logits, topk, tp_group=tp_group, chunk_size=chunk_rows(logits))
+            vals, ids = topk_logprobs(logits, topk, tp_group=tp_group, chunk_size=chunk_rows(logits),
+                                      temperature=temperature)
             out["topk_logprobs"], out["topk_ids"] = _per_row(vals, mb), _per_row(ids, mb)
         if ids_key:
             out["logprobs_at_ids"] = target_logprobs(logits, mb, tp_group, temperature, ids_key=ids_key)
+            if tail:
+                out["log_tail_at_ids"] = target_log_tail(logits, mb, tp_group, temperature, ids_key)
         return logits.sum() * 0.0, out
 
     objective.inputs = ("tokens", "lengths") + ((ids_key,) if ids_key else ())  # what a routed scorer must ship
     return objective
 
 
-def policy_gradient(tp_group, norm: Normalisers, *, eps_low: float, eps_high: float, loss_agg: str = "token_mean",
-                    kl_beta: float = 0.0, temperature: float = 1.0):
-    """Clipped policy gradient (GRPO, and OPD with per-token advantages)."""
+def policy_gradient(tp_group, norm: Normalisers, *, eps_low: float, eps_high: float, temperature: float,
+                    loss_agg: str = "token_mean", kl_beta: float = 0.0, kl_clamp: float | None = 10.0):
+    """Clipped policy gradient (GRPO, and OPD with per-token advantages), log-probs at the rollout temperature."""
 
     def objective(logits, mb):
         mask = mb["loss_mask"]
@@ -129,37 +151,46 @@ def policy_gradient(tp_group, norm: Normalisers, *, eps_low: float, eps_high: fl
         loss, metrics = losses.clipped_pg_loss(
             lp, mb["old_logprobs"], mb["advantages"], mask, global_num_tokens=norm.num_tokens,
             global_num_seqs=norm.num_seqs, loss_agg=loss_agg, eps_low=eps_low, eps_high=eps_high,
-            ref_logprobs=mb.get("ref_logprobs"), kl_beta=kl_beta)
+            ref_logprobs=mb.get("ref_logprobs"), kl_beta=kl_beta, kl_clamp=kl_clamp)
         metrics.update(ent)
         return loss, metrics
 
     return objective
 
 
-def forward_kl(tp_group, norm: Normalisers, *, mode: str, tail: bool = True):
-    """Stage 2a on teacher samples: sampled-token NLL (``mode="sampled"``) or top-k forward KL + tail."""
+def forward_kl(tp_group, norm: Normalisers, *, mode: str, temperature: float, tail: bool = True,
+               teacher_tail_floor: float = 1e-6):
+    """Stage 2a on teacher samples: sampled-token NLL (``mode="sampled"``) or top-k forward KL + tail, the student at
+    ``temperature`` against the teacher's top-k recorded at the same temperature (see the module docstring). The
+    student's tail is exact (``target_log_tail``); the teacher's comes from its cached top-k."""
 
     def objective(logits, mb):
         mask = mb["loss_mask"]
         if mode == "sampled":
-            lp, ent = target_logprobs_and_entropy(logits, mb, tp_group)
+            lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature)
             loss, metrics = losses.forward_kl_sampled(lp, mask, norm.num_tokens)
         else:
-            lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, ids_key="teacher_topk_ids")
-            loss, metrics = losses.forward_kl_topk(lp, mb["teacher_topk_logprobs"], mask, norm.num_tokens, tail)
+            lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature, ids_key="teacher_topk_ids")
+            s_tail = target_log_tail(logits, mb, tp_group, temperature, "teacher_topk_ids") if tail else None
+            loss, metrics = losses.forward_kl_topk(lp, mb["teacher_topk_logprobs"], mask, norm.num_tokens, tail,
+                                                   tail_floor=teacher_tail_floor, student_log_tail=s_tail)
         metrics.update(ent)
         return loss, metrics
 
     return objective
 
 
-def reverse_kl_topk(tp_group, norm: Normalisers, *, tail: bool = True):
-    """Stage 2b top-k variant: KL(p_S || p_T) over the student's top-k ids (fixed at rollout time)."""
+def reverse_kl_topk(tp_group, norm: Normalisers, *, temperature: float):
+    """Stage 2b top-k variant: KL(p_S || p_T) over the student's top-k ids (fixed at rollout time) plus the tail
+    bucket, both tails exact: the student's from its logits here, the teacher's (``teacher_log_tail``) from the
+    teacher's logits when it scored the ids (``logprob_values(..., tail=True)``)."""
 
     def objective(logits, mb):
         mask = mb["loss_mask"]
-        lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, ids_key="student_topk_ids")
-        loss, metrics = losses.reverse_kl_topk(lp, mb["teacher_logprobs_at_ids"], mask, norm.num_tokens, tail)
+        lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature, ids_key="student_topk_ids")
+        s_tail = target_log_tail(logits, mb, tp_group, temperature, "student_topk_ids")
+        loss, metrics = losses.reverse_kl_topk(lp, mb["teacher_logprobs_at_ids"], mask, norm.num_tokens, True,
+                                               student_log_tail=s_tail, teacher_log_tail=mb["teacher_log_tail"])
         metrics.update(ent)
         return loss, metrics
 

@@ -40,8 +40,8 @@ def to_batch(ctx, samples, topk: bool = False) -> dict[str, torch.Tensor]:
     return samples_to_batch(samples, pad, topk=topk)
 
 
-def policy_logprobs(ctx, model, batch, temperature: float = 1.0, ids_key: str | None = None) -> dict:
-    return model.forward_values(batch, O.logprob_values(model.tp_group, temperature, ids_key=ids_key),
+def policy_logprobs(ctx, model, batch, temperature: float, ids_key: str | None = None, tail: bool = False) -> dict:
+    return model.forward_values(batch, O.logprob_values(model.tp_group, temperature, ids_key=ids_key, tail=tail),
                                 ctx.stage.micro_batch_tokens)
 
 
@@ -59,29 +59,47 @@ def rollout_metrics(samples) -> dict[str, float]:
     return {"response_len_mean": m["mean_response_len"], "truncation_rate": m["truncation_rate"]}
 
 
-def global_normalisers(ctx, batch) -> O.Normalisers:
-    mask = batch["loss_mask"]
-    tokens, seqs = ctx.all_reduce_sum([float(mask.sum()), float((mask.sum(1) > 0).sum())])
-    return O.Normalisers(num_tokens=max(tokens, 1.0), num_seqs=max(seqs, 1.0))
+def mini_batches(n: int, updates: int) -> list[range]:
+    """Cut ``n`` rows into ``updates`` contiguous pieces whose sizes differ by at most one (a piece is empty only
+    when ``n < updates``). ceil(n / updates)-row pieces would leave trailing pieces empty (n=12, u=8: 6 and 7)."""
+    base, extra = divmod(n, updates)
+    out, start = [], 0
+    for k in range(updates):
+        size = base + (k < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out
 
 
 def train_updates(ctx, policy, batch, make_objective) -> dict[str, float]:
-    """``updates_per_step`` optimizer updates over contiguous mini-batches of the step's rows."""
+    """``updates_per_step`` optimizer updates over contiguous mini-batches of this rank's rows.
+
+    Every rank makes the same number of updates (the gradient all-reduce is a collective): a rank whose piece is
+    empty trains on a zero-weight placeholder row (``MegatronPolicy``), and a piece that is empty on *every* rank
+    (no loss token anywhere: a global decision) is skipped by all ranks together, advancing only the LR schedule.
+    """
     from megatron_s2d.losses import finalize_metrics
 
-    n = batch["tokens"].shape[0]
     u = ctx.stage.updates_per_step
-    per = -(-n // u)
     out: dict[str, float] = {}
-    for k in range(u):
-        rows = list(range(k * per, min(n, (k + 1) * per)))
-        mb = select_rows(batch, rows) if u > 1 else batch
-        res = policy.train_step(mb, make_objective(global_normalisers(ctx, mb)), ctx.stage.micro_batch_tokens)
+    done = 0
+    for rows in mini_batches(batch["tokens"].shape[0], u):
+        mb = select_rows(batch, list(rows)) if u > 1 else batch
+        mask = mb["loss_mask"]
+        tokens, seqs = ctx.all_reduce_sum([float(mask.sum()), float((mask.sum(1) > 0).sum())])
+        if tokens == 0:
+            policy.skip_update()
+            continue
+        norm = O.Normalisers(num_tokens=tokens, num_seqs=max(seqs, 1.0))
+        res = policy.train_step(mb, make_objective(norm), ctx.stage.micro_batch_tokens)
         extra = {key: res.metrics.pop(key) for key in ("grad_norm", "lr")}
         fin = finalize_metrics(res.metrics)
         fin.update(extra)
         for key, v in fin.items():
-            out[key] = out.get(key, 0.0) + v / u
+            out[key] = out.get(key, 0.0) + v
+        done += 1
+    out = {k: v / max(done, 1) for k, v in out.items()}
+    out["updates"] = float(done)
     if "clip_low_frac" in out:
         out["clip_frac"] = out["clip_low_frac"] + out.get("clip_high_frac", 0.0)
     return out

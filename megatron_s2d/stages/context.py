@@ -117,7 +117,7 @@ class StageContext:
         from megatron_s2d.runtime.train_ckpt import latest_checkpoint, load_train_checkpoint
 
         policy = MegatronPolicy(self.arch, self.plan.models[self.role], self.stage.optim,
-                                total_steps=self.stage.steps, seed=self.plan.seed)
+                                total_updates=self.stage.steps * self.stage.updates_per_step, seed=self.plan.seed)
         state = StageState()
         resume = latest_checkpoint(self.layout.checkpoints(self.stage.name))
         if resume is not None:

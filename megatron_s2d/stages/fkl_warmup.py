@@ -5,8 +5,9 @@
     for step:  minimise  sum_t KL(pi_T(.|s_t) || pi_S(.|s_t))  on teacher occupancy
                - fkl_mode "topk":    sum_{v in top-k_T} p_T(v)(log p_T(v) - log p_S(v)) + tail bucket
                - fkl_mode "sampled": NLL of the teacher's sampled tokens (= teacher-sample SFT)
-No labels are used (prompts only). The cached top-k comes from the teacher's own sampler at the rollout
-temperature; when that temperature is not 1 the teacher re-scores its samples at T = 1 (the KL target is pi_T).
+No labels are used (prompts only). Temperature: the teacher samples at the rollout temperature T and its engine
+records its top-k log-probs at T; the student is trained at the same T (the convention of every distillation
+objective, see ``policy.objectives``: the optimum is pi_S = pi_T whatever T), so the cache is used as it is.
 """
 
 from __future__ import annotations
@@ -60,13 +61,6 @@ def teacher_rollouts(ctx) -> list:
         params = C.sampling_params(ctx, step, d.teacher_samples_per_prompt, topk=topk, salt=1)
         got, gen_m = C.generate(ctx, engine, idx, params)
         tokens, gen_s = tokens + gen_m["generated_tokens"], gen_s + gen_m["time_s"]
-        if topk and st.rollout.temperature != 1.0:
-            out = teacher.forward_values(C.to_batch(ctx, got), O.logprob_values(teacher.tp_group, 1.0, topk=topk),
-                                         st.micro_batch_tokens)
-            for i, s in enumerate(got):
-                p, r = len(s.prompt_ids), len(s.response_ids)
-                s.topk_ids = out["topk_ids"][i, p:p + r].tolist()
-                s.topk_logprobs = out["topk_logprobs"][i, p:p + r].tolist()
         samples += got
     ctx.log(f"teacher rollouts: {len(samples)} samples, {tokens:.0f} tokens in {time.perf_counter() - t0:.1f}s "
             f"({tokens / max(gen_s, 1e-9):.0f} tok/s generating)")
@@ -95,7 +89,8 @@ def run(ctx, preemption=None) -> bool:
         batch = C.to_batch(ctx, samples, topk=topk)
         if topk:
             batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = batch.pop("topk_ids"), batch.pop("topk_logprobs")
-        make = lambda norm: O.forward_kl(policy.tp_group, norm, mode=d.fkl_mode, tail=d.tail)
+        make = lambda norm: O.forward_kl(policy.tp_group, norm, mode=d.fkl_mode, tail=d.tail,
+                                         temperature=st.rollout.temperature, teacher_tail_floor=d.teacher_tail_floor)
         metrics = {**C.rollout_metrics(samples), "fkl_mode_topk": float(topk)}
         metrics.update(C.train_updates(ctx, policy, batch, make))
         tot = ctx.all_reduce_sum([float(len(samples) // d.teacher_samples_per_prompt),

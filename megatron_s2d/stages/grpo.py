@@ -55,14 +55,14 @@ def run(ctx, preemption=None) -> bool:
                                   float(len(idx)), float(len(rows)),
                                   float(sum(len(s.response_ids) for s in samples))])
         metrics.update(reward_mean=tot[0] / tot[1], zero_variance_frac=tot[2] / tot[3], trained_seqs=tot[4])
-        if tot[4] > 0:
-            batch = select_rows(batch, rows) if len(rows) < len(samples) else batch
-            make = lambda norm: O.policy_gradient(
-                policy.tp_group, norm, eps_low=g.eps_low, eps_high=g.eps_high, loss_agg=g.loss_agg,
-                kl_beta=g.kl_beta, temperature=st.rollout.temperature)
-            metrics.update(C.train_updates(ctx, policy, batch, make))
-        else:
+        if tot[4] == 0:
             ctx.log(f"step {step + 1}: every group has zero reward variance; no update (no signal)")
+        # this rank's share may be empty (dynamic sampling drops groups per rank): train_updates still takes part
+        batch = select_rows(batch, rows) if len(rows) < len(samples) else batch
+        make = lambda norm: O.policy_gradient(
+            policy.tp_group, norm, eps_low=g.eps_low, eps_high=g.eps_high, loss_agg=g.loss_agg,
+            kl_beta=g.kl_beta, kl_clamp=g.kl_clamp, temperature=st.rollout.temperature)
+        metrics.update(C.train_updates(ctx, policy, batch, make))
         C.refit(ctx, engine, policy)
         led = state.ledger
         led.prompts += int(tot[3])

@@ -4,10 +4,14 @@
         generate   student samples y ~ pi_S for the step's prompts (no labels)
         score      the frozen teacher scores every sampled token: log pi_T(y_t | s_t)           (dense reward)
         advantages a_t = log pi_T(y_t|s_t) - log pi_S(y_t|s_t)      (per-token sampled reverse KL, max-ent RL)
-                   [+ opd_task_reward_coef * r(x, y) if set: then labels are consumed]
+                   [+ opd_task_reward_coef * A_i, A_i the GRPO advantage of the task reward r(x, y_i) within the
+                    prompt's samples, if set: then labels are consumed]
         train      the same clipped policy-gradient machinery as GRPO, per-token advantages
-                   (opd_mode "topk": reverse KL over the student's top-k ids at each position instead)
+                   (opd_mode "topk": reverse KL over the student's top-k ids at each position, with the tail
+                   bucket, instead)
         checkpoint / log
+Temperature: student and teacher are both compared at the rollout temperature T (``policy.objectives`` explains why:
+the optimum is then pi_S = pi_T for every T, the same student the forward-KL warmup aims at).
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ def run(ctx, preemption=None) -> bool:
         idx = ctx.dp_share(ctx.step_problems(step, st.prompts_per_step))
         samples, gen_m = C.generate(ctx, engine, idx, C.sampling_params(ctx, step, n, topk=topk))
         batch = C.to_batch(ctx, samples, topk=bool(topk))
-        student_lp = C.policy_logprobs(ctx, policy, batch, st.rollout.temperature)["logprobs"]
+        temp = st.rollout.temperature
+        student_lp = C.policy_logprobs(ctx, policy, batch, temp)["logprobs"]
         ids_key = None
         if topk:
             batch["student_topk_ids"] = batch.pop("topk_ids")
             batch.pop("topk_logprobs")
             ids_key = "student_topk_ids"
-        t_out = C.policy_logprobs(ctx, teacher, batch, 1.0, ids_key=ids_key)
+        t_out = C.policy_logprobs(ctx, teacher, batch, temp, ids_key=ids_key, tail=bool(topk))
         mask = batch["loss_mask"]
         metrics = {**C.mismatch_metrics(batch, student_lp), **C.rollout_metrics(samples),
                    "generate_tokens_per_s": gen_m["tokens_per_s"],
@@ -53,12 +58,13 @@ def run(ctx, preemption=None) -> bool:
         batch["old_logprobs"] = student_lp
         if topk:
             batch["teacher_logprobs_at_ids"] = t_out["logprobs_at_ids"]
-            make = lambda norm: O.reverse_kl_topk(policy.tp_group, norm, tail=d.tail)
+            batch["teacher_log_tail"] = t_out["log_tail_at_ids"]
+            make = lambda norm: O.reverse_kl_topk(policy.tp_group, norm, temperature=temp)
         else:
             batch["advantages"] = opd_token_advantages(t_out["logprobs"], student_lp, mask, task_reward,
-                                                       d.opd_task_reward_coef)
+                                                       d.opd_task_reward_coef, group_size=n)
             make = lambda norm: O.policy_gradient(policy.tp_group, norm, eps_low=d.eps_low, eps_high=d.eps_high,
-                                                  temperature=st.rollout.temperature)
+                                                  temperature=temp)
         metrics.update(C.train_updates(ctx, policy, batch, make))
         C.refit(ctx, engine, policy)
         tot = ctx.all_reduce_sum([float(len(idx)), float(sum(len(s.response_ids) for s in samples))])

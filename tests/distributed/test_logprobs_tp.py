@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_s2d.policy.logprobs import entropy, token_logprobs, topk_logprobs
+from megatron_s2d.policy.logprobs import entropy, tail_logprob, token_logprobs, topk_logprobs
 from tests.distributed._launch import DistributedError, run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -91,6 +91,17 @@ def _check_tp_matches_tp1(rank: int, world_size: int, seed: int) -> dict:
         checks.append(f"topk k={k}")
     assert topk_logprobs(shard, 2, group)[1][0, 0].tolist() == [3, 3 + v_local]  # tie: lower id first
 
+    # the mass outside a top-k set (exact tail of the top-k KLs): ids on both shards, a near-collapsed tail
+    tk = torch.stack([torch.randperm(V, generator=g)[:5] for _ in range(B * T)]).view(B, T, 5)
+    peaked = full.clone().scatter_add_(-1, tk, torch.full((B, T, 5), 30.0))
+    for chunk_size in (None, 4):
+        kw = dict(chunk_size=chunk_size, temperature=0.7)
+        want, want_grad = _grad_and_value(lambda x: tail_logprob(x, tk, **kw), peaked, w)
+        got, got_grad = _grad_and_value(lambda x: tail_logprob(x, tk, group, **kw), peaked[..., cols].contiguous(), w)
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got_grad, want_grad[..., cols], **TOL)
+        checks.append(f"tail_logprob chunk={chunk_size}")
+
     # bf16 shards: fp32 maths on both sides, so TP=2 still matches TP=1 to fp32 rounding
     full16, shard16 = full.bfloat16(), shard.bfloat16()
     torch.testing.assert_close(token_logprobs(shard16, ids, group), token_logprobs(full16, ids), **TOL)
@@ -101,7 +112,7 @@ def _check_tp_matches_tp1(rank: int, world_size: int, seed: int) -> dict:
 def test_tp2_matches_tp1():
     results = run_distributed(_check_tp_matches_tp1, world_size=2, timeout=120, seed=1234)
     assert [r["rank"] for r in results] == [0, 1]
-    assert len(results[0]["checks"]) == 8 + 2 + 2 + 3 + 1
+    assert len(results[0]["checks"]) == 8 + 2 + 2 + 3 + 2 + 1
     assert results[0]["checks"] == results[1]["checks"]
 
 

@@ -90,7 +90,7 @@ def _score(rank, world, path, student, teacher, topk=2):
     # the student's own model, on the global layout, still runs next to the teacher
     student_model = MegatronPolicy(arch, ModelConfig(tp=student[0], pp=student[1]), optim=None)
     load_model_checkpoint(student_model.module, path)
-    mine = student_model.forward_values(batch, O.logprob_values(ps.get_tensor_model_parallel_group()), 40)
+    mine = student_model.forward_values(batch, O.logprob_values(ps.get_tensor_model_parallel_group(), 1.0), 40)
     return {"rows": rows, "out": out, "student": mine["logprobs"], "own_layout": scorer.own_layout,
             "replicas": groups.dp}
 

@@ -56,7 +56,7 @@ def _job(rank, world, tp, pp, kind, nan=False, pack=False):
     batch = {k: v[rows] for k, v in batch.items()}
     teacher_lp = teacher_lp[rows]
     tp_group = ps.get_tensor_model_parallel_group()
-    old = pol.forward_values(batch, O.logprob_values(tp_group), 40)["logprobs"]
+    old = pol.forward_values(batch, O.logprob_values(tp_group, 1.0), 40)["logprobs"]
     ids = torch.randint(0, 128, (8, 24, 3), generator=torch.Generator().manual_seed(5))[rows]
     extra = pol.forward_values(dict(batch, ids=ids), O.logprob_values(tp_group, 0.7, topk=3, ids_key="ids"), 40)
     batch["old_logprobs"] = old
@@ -69,7 +69,7 @@ def _job(rank, world, tp, pp, kind, nan=False, pack=False):
     counts = torch.tensor([batch["loss_mask"].sum(), float(len(rows))])
     torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
     norm = O.Normalisers(float(counts[0]), float(counts[1]))
-    obj = O.policy_gradient(tp_group, norm, eps_low=0.2, eps_high=0.28)
+    obj = O.policy_gradient(tp_group, norm, eps_low=0.2, eps_high=0.28, temperature=1.0)
     before = {k: v.clone() for k, v in export_hf_state(pol.module, arch)}
     if nan:
         try:

@@ -49,10 +49,10 @@ def test_thd_packed_equals_padded_with_te():
                              OptimConfig(lr=1e-3, adam_eps=1e-2, grad_clip=0.0))
         assert pol.uses_te and pol.pack_sequences == pack
         load_hf_state(pol.module, arch, lambda k: init[k].cuda())
-        vals = pol.forward_values(batch, O.logprob_values(None, topk=3), 200)
+        vals = pol.forward_values(batch, O.logprob_values(None, 1.0, topk=3), 200)
         b = dict(batch, old_logprobs=vals["logprobs"], advantages=torch.linspace(-1, 1, n))
         norm = O.Normalisers(float(mask.sum()), float(n))
-        res = pol.train_step(b, O.policy_gradient(None, norm, eps_low=0.2, eps_high=0.28), 200)
+        res = pol.train_step(b, O.policy_gradient(None, norm, eps_low=0.2, eps_high=0.28, temperature=1.0), 200)
         out[pack] = (vals, res)
     (v0, r0), (v1, r1) = out[False], out[True]
     torch.testing.assert_close(v1["logprobs"], v0["logprobs"], rtol=1e-4, atol=2e-4)

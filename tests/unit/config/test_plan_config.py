@@ -66,7 +66,7 @@ def test_base_inheritance(tmp_path):
      "trains the student, but stage 't_rl' trains the teacher"),
     (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "split": "3H"}]), "not a data split"),
     (_with(stages=[dict(BASE["stages"][0], samples_per_prompt=1)]), "group of >= 2"),
-    (_with(stages=[dict(BASE["stages"][0], updates_per_step=3)]), "not divisible by updates_per_step"),
+    (_with(stages=[dict(BASE["stages"][0], updates_per_step=9)]), "updates_per_step = 9 exceeds the 8 sequences"),
     (_with(models={"teacher": {"hf": "/x", "tp": 3}, "student": {"hf": "/y"}}), "does not divide the world size"),
     (_with(eval={"k": "many"}), r"eval\.k: expected an integer"),
     (_with(surprise=1), r"unknown key\(s\) \['surprise'\]"),
@@ -110,6 +110,7 @@ def test_shipped_toy_plan_loads():
 def _two_layouts(teacher=None, student=None, **extra):
     d = _with(**extra)
     d["launch"] = {"nodes": 1, "procs_per_node": 8}
+    d["stage_defaults"] = {**d["stage_defaults"], "prompts_per_step": 8}  # divides over 8 data-parallel ranks
     d["models"]["teacher"].update(teacher or {})
     d["models"]["student"].update(student or {})
     return d

@@ -23,7 +23,7 @@ def test_valid_plan_reports_layouts(tmp_path):
 
 
 def test_tp_not_dividing_heads_is_refused(tmp_path):
-    teacher = write_hf(tmp_path / "t", num_attention_heads=12, num_key_value_heads=4, head_dim=64)
+    teacher = write_hf(tmp_path / "t", num_attention_heads=12, num_key_value_heads=4, head_dim=64, hidden_size=768)
     student = write_hf(tmp_path / "s")
     plan = load(tmp_path, two_stage_plan(tmp_path, teacher, student), ["models.teacher.tp=8"])
     with pytest.raises(S2DError, match=r"teacher_rl: models.teacher .*num_attention_heads = 12 is not divisible by "
@@ -42,9 +42,12 @@ def test_world_not_divisible_is_refused(tmp_path):
 
 def test_uneven_dp_split_is_refused(tmp_path):
     hf = write_hf(tmp_path / "m")
-    plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf), ["stages.opd.prompts_per_step=3",
-                                                              "stages.opd.samples_per_prompt=2"])
-    with pytest.raises(S2DError, match=r"opd: .* = 6 sequences per update do not split evenly over the 4"):
+    # refused when the plan is loaded (the stage job would fail at step 0), and by the dry run's own check
+    with pytest.raises(S2DError, match=r"stages.opd.prompts_per_step = 3 does not divide over the 4 data-parallel"):
+        load(tmp_path, two_stage_plan(tmp_path, hf, hf), ["stages.opd.prompts_per_step=3"])
+    plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf))
+    next(s for s in plan.stages if s.name == "opd").prompts_per_step = 3
+    with pytest.raises(S2DError, match=r"opd: stages.opd.prompts_per_step = 3 does not divide over the 4"):
         _check(plan)
 
 

@@ -75,8 +75,16 @@ def test_opd_advantages_sign_masking_and_reward():
     expected = torch.tensor([[1.0, -2.0, 0.0], [0.0, 2.0, 0.0]])
     assert torch.equal(adv, expected)  # teacher likes the token more -> positive; masked -> exactly 0
     assert not adv.requires_grad
-    adv_r = opd_token_advantages(teacher, student, mask, task_reward=torch.tensor([1.0, 0.0]), task_reward_coef=0.5)
-    assert torch.equal(adv_r, expected + torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))
+    # the task reward enters through its group baseline (GRPO advantage within the prompt's 2 samples), not raw:
+    # rewards (1, 0) -> advantages (+0.707, -0.707) with the sample std, times the coefficient, on every token
+    adv_r = opd_token_advantages(teacher, student, mask, task_reward=torch.tensor([1.0, 0.0]), task_reward_coef=0.5,
+                                 group_size=2)
+    a = 0.5 * (0.5 / (2 ** 0.5 / 2 + 1e-6))
+    torch.testing.assert_close(adv_r, expected + torch.tensor([[a, a, 0.0], [-a, -a, 0.0]]))
+    # a group where every sample is right (or wrong) adds nothing: no length-proportional bonus for being right
+    same = opd_token_advantages(teacher, student, mask, task_reward=torch.tensor([1.0, 1.0]), task_reward_coef=0.5,
+                                group_size=2)
+    assert torch.equal(same, expected)
 
 
 def test_opd_advantages_errors():

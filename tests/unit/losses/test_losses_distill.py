@@ -61,14 +61,23 @@ def test_forward_topk_matches_reference(tail):
     assert m["token_count"] == 3
 
 
-@pytest.mark.parametrize("tail", [True, False])
-def test_reverse_topk_matches_reference(tail):
+def test_reverse_topk_matches_reference():
     ls, lt = _logits(2).log_softmax(-1), _logits(3).log_softmax(-1)
     s_top, ids = ls.topk(4, dim=-1)
     t_at = lt.gather(-1, ids)
     mask = torch.ones(B, T, dtype=torch.bool)
-    loss, _ = reverse_kl_topk(s_top, t_at, mask, float(B * T), tail=tail)
-    torch.testing.assert_close(loss, _ref_topk_kl(s_top, t_at, tail).mean())
+    loss, _ = reverse_kl_topk(s_top, t_at, mask, float(B * T), tail=True)
+    torch.testing.assert_close(loss, _ref_topk_kl(s_top, t_at, True).mean())
+
+
+def test_reverse_topk_without_tail_is_refused():
+    """Without the tail bucket the top-k reverse KL decreases by moving the student's mass out of its top-k."""
+    ls, lt = _logits(2).log_softmax(-1), _logits(3).log_softmax(-1)
+    s_top, ids = ls.topk(4, dim=-1)
+    partial = lambda s: (s.exp() * (s - lt.gather(-1, ids))).sum()  # noqa: E731
+    assert partial(s_top - 1.0) < partial(s_top)  # less mass on the top-k -> smaller "loss": the wrong direction
+    with pytest.raises(S2DError, match="tail=False"):
+        reverse_kl_topk(s_top, lt.gather(-1, ids), torch.ones(B, T, dtype=torch.bool), 1.0, tail=False)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])

@@ -232,3 +232,18 @@ def test_k3_nonnegative_zero_at_equality_and_unbiased():
         assert math.isclose(sampled_kl(logp[y], logq[y], est).mean(), kl, abs_tol=0.01)
     with pytest.raises(S2DError, match="estimator"):
         sampled_kl(a, b, "k4")
+
+
+def test_k3_penalty_output_is_clamped():
+    """One token with log(pi_ref / pi) = 20 contributed e^20 - 21 ~ 4.9e8 to the k3 penalty: clamped to kl_clamp."""
+    logp = torch.tensor([[-25.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-5.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, m = clipped_pg_loss(logp, logp.detach(), torch.zeros(1), mask, global_num_tokens=2.0, ref_logprobs=ref,
+                              kl_beta=1.0, kl_clamp=10.0)
+    assert m["kl_sum"].item() == pytest.approx(10.0)
+    loss.backward()
+    assert logp.grad[0, 0] == 0  # a clamped token passes no gradient
+    _, m = clipped_pg_loss(logp, logp.detach(), torch.zeros(1), mask, global_num_tokens=2.0, ref_logprobs=ref,
+                           kl_beta=1.0, kl_clamp=None)
+    assert m["kl_sum"].item() > 1e8
