@@ -42,9 +42,9 @@ def synthetic_arch(params: float, small: bool):
 
 def write_synthetic_hf(arch, out: Path, shard_size: int) -> int:
     """Random bf16 tensors in HF names/shapes, streamed to safetensors shards; returns tensor bytes."""
-    from checkpoints_convert import llama
-    from checkpoints_convert.hf_io import ShardedSafetensorsWriter
-    from checkpoints_convert.mapping import tensor_maps
+    from megatron_s2d.models import llama
+    from megatron_s2d.checkpoint.hf_io import ShardedSafetensorsWriter
+    from megatron_s2d.models.state_dict import tensor_maps
 
     out.mkdir(parents=True)
     plan = [(n, s, torch.bfloat16) for m in tensor_maps(arch) for n, s in zip(m.hf_names, m.hf_shapes)]
@@ -94,7 +94,7 @@ def _run_child(direction: str, src: Path, dst: Path, shard_size: str) -> dict:
 
 
 def _check_bit_exact(a: Path, b: Path) -> int:
-    from checkpoints_convert.hf_io import HFWeights
+    from megatron_s2d.checkpoint.hf_io import HFWeights
 
     wa, wb = HFWeights(a), HFWeights(b)
     if set(wa.tensors) != set(wb.tensors):
@@ -119,8 +119,8 @@ def main() -> None:
     if args.child:
         _child(args.child, args.src, args.dst, args.shard_size)
         return
-    from checkpoints_convert.hf_io import parse_size
-    from checkpoints_convert.mapping import tensor_maps
+    from megatron_s2d.checkpoint.hf_io import parse_size
+    from megatron_s2d.models.state_dict import tensor_maps
 
     arch = synthetic_arch(args.params, args.small)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="s2d_conv_bench_"))

@@ -107,8 +107,8 @@ def _save_hf_folder(model, arch, out_dir, dtype: str) -> None:
 
     from safetensors.torch import save_file
 
-    from checkpoints_convert import llama, qwen3
-    from megatron_s2d.runtime.model_ckpt import export_hf_state
+    from megatron_s2d.models import llama, qwen3
+    from megatron_s2d.checkpoint.model_ckpt import export_hf_state
 
     out = Path(out_dir)
     (out / "config.json").write_text(json.dumps({"qwen3": qwen3, "llama": llama}[arch.model_type].hf_config(arch, dtype)))

@@ -46,7 +46,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
 
-    from checkpoints_convert.mapping import hf_shapes
+    from megatron_s2d.models.state_dict import hf_shapes
     from megatron_s2d.config import ModelConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
@@ -54,7 +54,7 @@ def main() -> None:
     from megatron_s2d.policy.megatron_policy import MegatronPolicy
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.runtime.groups import model_groups
-    from megatron_s2d.runtime.model_ckpt import load_hf_state
+    from megatron_s2d.checkpoint.model_ckpt import load_hf_state
 
     cuda = torch.cuda.is_available()
     if not cuda:

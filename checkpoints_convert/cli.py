@@ -17,7 +17,7 @@ from megatron_s2d.errors import S2DError
 
 
 def _hf_to_megatron(args) -> int:
-    from checkpoints_convert.hf_to_megatron import convert_hf_to_megatron
+    from megatron_s2d.checkpoint.hf_to_megatron import convert_hf_to_megatron
 
     r = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {r.out_dir}: {r.num_tensors} tensors, {r.bytes_written / 1e9:.3f} GB in {r.seconds:.1f} s "
@@ -26,7 +26,7 @@ def _hf_to_megatron(args) -> int:
 
 
 def _megatron_to_hf(args) -> int:
-    from checkpoints_convert.megatron_to_hf import convert_megatron_to_hf
+    from megatron_s2d.checkpoint.megatron_to_hf import convert_megatron_to_hf
 
     r = convert_megatron_to_hf(args.megatron, args.out, hf_reference=args.hf_reference, dtype=args.dtype,
                                shard_size=args.shard_size, overwrite=args.overwrite)

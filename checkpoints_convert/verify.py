@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints_convert.mapping import arch_diff
+from megatron_s2d.models.state_dict import arch_diff
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import load_arch
 
@@ -102,11 +102,9 @@ def verify_logits(hf_dir: str | Path, megatron_dir: str | Path, tp: int = 1, pp:
     ``use_te="no"`` (default) checks the weights with megatron's local spec, whose fp32 matmuls match HF's to
     ~1e-6; the Transformer Engine spec ("yes") in fp32 differs from HF by a few 1e-4 on an H100 (measured).
     """
-    from megatron.core import parallel_state as ps
-
     from megatron_s2d.models.build import ModelOptions, build_gpt_model
     from megatron_s2d.runtime.dist import init_distributed
-    from megatron_s2d.runtime.model_ckpt import load_model_checkpoint, read_model_meta
+    from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint, read_model_meta
 
     arch, _ = read_model_meta(megatron_dir)
     diff = arch_diff(load_arch(hf_dir), arch)
@@ -120,7 +118,7 @@ def verify_logits(hf_dir: str | Path, megatron_dir: str | Path, tp: int = 1, pp:
     model = build_gpt_model(arch, ModelOptions(dtype="fp32", use_te=use_te)).eval()
     load_model_checkpoint(model, megatron_dir)
     logits = megatron_logits(model, tokens)
-    judge = logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    judge = logits is not None and info.tp_rank == 0 and info.dp_rank == 0
     judge_rank = torch.tensor([info.rank if judge else info.world_size], device=info.device)
     dist.all_reduce(judge_rank, op=dist.ReduceOp.MIN)
     payload = [None]

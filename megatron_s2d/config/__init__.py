@@ -1,13 +1,17 @@
-"""Typed config tree (schema), YAML loading with overrides (loader), and plan validation (validate)."""
+"""Typed config tree (schema), the stage-kind registry (kinds), YAML loading with overrides (loader), and plan
+validation (validate)."""
 
-from megatron_s2d.config.loader import apply_overrides, from_dict, load_plan, to_dict
+from megatron_s2d.config.kinds import KINDS, StageKind, kind_of
+from megatron_s2d.config.loader import apply_overrides, from_dict, load_plan, plan_from_dict, to_dict
 from megatron_s2d.config.schema import (
-    DataConfig, DistillConfig, EvalConfig, EvalSetConfig, GRPOConfig, LaunchConfig, ModelConfig, OptimConfig,
-    PlanConfig, RolloutConfig, SlurmConfig, SplitConfig, StageConfig,
+    ClipConfig, DataConfig, EvalConfig, EvalSetConfig, GRPOConfig, GRPOStageConfig, LaunchConfig, ModelConfig,
+    OPDConfig, OPDStageConfig, OptimConfig, PlanConfig, RolloutConfig, SlurmConfig, SplitConfig, StageBase,
+    StageConfig, VLLMConfig, WarmupConfig, WarmupStageConfig,
 )
 
 __all__ = [
-    "DataConfig", "DistillConfig", "EvalConfig", "EvalSetConfig", "GRPOConfig", "LaunchConfig", "ModelConfig",
-    "OptimConfig", "PlanConfig", "RolloutConfig", "SlurmConfig", "SplitConfig", "StageConfig", "apply_overrides",
-    "from_dict", "load_plan", "to_dict",
+    "KINDS", "ClipConfig", "DataConfig", "EvalConfig", "EvalSetConfig", "GRPOConfig", "GRPOStageConfig",
+    "LaunchConfig", "ModelConfig", "OPDConfig", "OPDStageConfig", "OptimConfig", "PlanConfig", "RolloutConfig",
+    "SlurmConfig", "SplitConfig", "StageBase", "StageConfig", "StageKind", "VLLMConfig", "WarmupConfig",
+    "WarmupStageConfig", "apply_overrides", "from_dict", "kind_of", "load_plan", "plan_from_dict", "to_dict",
 ]

@@ -1,7 +1,10 @@
 """YAML -> typed config, with recipe inheritance and dotted ``key=value`` overrides.
 
 * ``base: other.yaml`` in a recipe loads that file first and deep-merges this one on top (recipes are small diffs).
-* ``stage_defaults: {...}`` is deep-merged under every entry of ``stages`` (so a plan states shared knobs once).
+* ``stage_defaults: {...}`` is deep-merged under every entry of ``stages`` (so a plan states shared knobs once); a
+  key applies to the stages whose kind has it (``grpo`` to GRPO stages, ``warmup`` to the forward-KL warmup, ...),
+  and a key no stage kind has is an error.
+* ``stages`` is a tagged union on ``kind``: each entry becomes the config class of its kind (``config.kinds``).
 * Overrides: ``stages.opd.steps=2`` (a stage is addressed by name), ``models.teacher.tp=8``, ``eval.k=4``.
   Values are parsed as YAML scalars (``1e-5``, ``true``, ``null``, ``[a, b]``).
 Unknown keys and wrongly-typed values are errors that name the dotted path and the file.
@@ -156,23 +159,70 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _build_stages(raw_stages: Any, defaults: Any) -> list:
+    """The ``stages`` list as typed configs, each of its kind's class, with ``stage_defaults`` merged in."""
+    from megatron_s2d.config.kinds import KINDS
+
+    if not isinstance(raw_stages, list):
+        raise S2DError("'stages' must be a list of stage mappings")
+    if not isinstance(defaults, dict):
+        raise S2DError("'stage_defaults' must be a mapping")
+    from megatron_s2d.config.schema import RENAMED
+
+    known = set().union(*(_fields(k.config) for k in KINDS.values()))
+    renamed = set().union(*(RENAMED.get(k.config, {}) for k in KINDS.values()))
+    stray = sorted(set(defaults) - known - renamed)
+    if stray:
+        raise S2DError(f"stage_defaults: key(s) {stray} belong to no stage kind; allowed: {sorted(known)}")
+
+    def applies(key: str, cls) -> bool:  # a real field of this kind, or an old key no kind has (its message)
+        return key in _fields(cls) or (key not in known and key in RENAMED.get(cls, {}))
+
+    out = []
+    for i, raw in enumerate(raw_stages):
+        where = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise S2DError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        where = f"stages.{raw.get('name') or i}"
+        kind = raw.get("kind")
+        if kind not in KINDS:
+            raise S2DError(f"{where}.kind = {kind!r}: expected one of {sorted(KINDS)}")
+        cls = KINDS[kind].config
+        mine = {k: v for k, v in defaults.items() if applies(k, cls)}
+        out.append(from_dict(cls, _deep_merge(mine, raw), where))
+    return out
+
+
 def load_plan(path: str | Path, overrides: list[str] | None = None) -> PlanConfig:
     """Read a plan YAML (with ``base`` inheritance), apply overrides, type-check, and validate it."""
     from megatron_s2d.config.validate import resolve_engines, validate_plan
 
     path = Path(path)
     data = apply_overrides(_read_yaml(path), overrides or [])
-    defaults = data.pop("stage_defaults", None) or {}
-    stages = data.get("stages") or []
-    if not isinstance(stages, list):
-        raise S2DError(f"{path}: 'stages' must be a list of stage mappings")
-    data["stages"] = [_deep_merge(defaults, s) if isinstance(s, dict) else s for s in stages]
     try:
+        stages = _build_stages(data.pop("stages", None) or [], data.pop("stage_defaults", None) or {})
         plan = from_dict(PlanConfig, data)
     except S2DError as e:
         raise S2DError(f"{path}: {e}") from e
+    plan.stages = stages
     resolve_engines(plan)
     validate_plan(plan, where=str(path))
+    return plan
+
+
+def plan_from_dict(data: dict) -> PlanConfig:
+    """A plan from an already-resolved dict (``to_dict`` of a plan; e.g. ``plan.resolved.yaml``), validated."""
+    from megatron_s2d.config.validate import validate_plan
+
+    data = dict(data)
+    stages = _build_stages(data.pop("stages", None) or [], data.pop("stage_defaults", None) or {})
+    plan = from_dict(PlanConfig, data)
+    plan.stages = stages
+    validate_plan(plan)
     return plan
 
 

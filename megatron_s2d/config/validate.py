@@ -1,37 +1,38 @@
 """Plan validation: everything that can be checked before a single process starts.
 
 Checks the stage DAG (unknown stages, cycles, the right model per stage kind), label hygiene (a stage may not consume
-labels an ancestor consumed unless it is marked ``replay``), batch-size divisibility, and value ranges. Layout and
-tokenizer checks need the model files and live in :mod:`megatron_s2d.pipeline.preflight`.
+labels an ancestor consumed unless it is marked ``replay``), value ranges, and the layout of every stage job:
+world size, data-parallel split of the prompts, mini-batches per rank (``batch_layout_errors``, also run by the dry
+run). Checks that need the model files (architecture vs TP/PP, tokenizers) live in ``launch.checks`` and
+``run.preflight``. The facts about each stage kind come from :mod:`megatron_s2d.config.kinds`.
 """
 
 from __future__ import annotations
 
 import math
 
-from megatron_s2d.config.schema import PlanConfig, StageConfig
+from megatron_s2d.config.kinds import KINDS, consumes_labels, generating_model, kind_of, rows_per_prompt, trained_model
+from megatron_s2d.config.schema import (
+    GRPOStageConfig, OPDStageConfig, PlanConfig, StageBase, WarmupStageConfig,
+)
 from megatron_s2d.errors import S2DError
 
-RL_KINDS = ("teacher_rl", "student_rl")
-DISTILL_KINDS = ("fkl_warmup", "opd")
+__all__ = ["ancestors", "batch_layout_errors", "consumes_labels", "generating_model", "generations", "label_ledger",
+           "parents", "resolve_engines", "topo_order", "trained_model", "validate_plan"]
 
 
-def policy_model(stage: StageConfig) -> str:
-    """Which model of the plan a stage trains."""
-    return "teacher" if stage.kind == "teacher_rl" else "student"
-
-
-def parents(stage: StageConfig) -> list[str]:
+def parents(stage: StageBase) -> list[str]:
     """Stage names this stage reads checkpoints from (its policy init and its teacher)."""
     out = []
     if stage.init != "base":
         out.append(stage.init)
-    if stage.teacher not in (None, "base"):
-        out.append(stage.teacher)
+    teacher = getattr(stage, "teacher", None)
+    if teacher not in (None, "base"):
+        out.append(teacher)
     return out
 
 
-def topo_order(plan: PlanConfig, where: str = "plan") -> list[StageConfig]:
+def topo_order(plan: PlanConfig, where: str = "plan") -> list[StageBase]:
     """Stages in dependency order; raises on unknown references and cycles (naming the cycle)."""
     by_name = {s.name: s for s in plan.stages}
     order, state = [], {}
@@ -65,49 +66,68 @@ def ancestors(plan: PlanConfig, name: str) -> list[str]:
     return seen
 
 
-def _check_stage(plan: PlanConfig, s: StageConfig, where: str) -> None:
+def _check_clip(w: str, clip) -> None:
+    if not 0 <= clip.eps_low < 1 or clip.eps_high < 0:
+        raise S2DError(f"{w}.clip: eps_low must be in [0, 1) and eps_high >= 0 (got {clip.eps_low}, {clip.eps_high})")
+
+
+def _check_kind_fields(s: StageBase, w: str) -> None:
+    """Ranges of the fields only one kind has."""
+    if isinstance(s, GRPOStageConfig):
+        if s.samples_per_prompt < 2:
+            raise S2DError(f"{w}.samples_per_prompt = {s.samples_per_prompt}: GRPO needs a group of >= 2 samples")
+        _check_clip(w, s.clip)
+        if not s.grpo.kl_clamp > 0 or s.grpo.kl_beta < 0:
+            raise S2DError(f"{w}.grpo: kl_beta must be >= 0 and kl_clamp > 0")
+    elif isinstance(s, WarmupStageConfig):
+        wu = s.warmup
+        if wu.mode == "topk" and wu.topk < 1:
+            raise S2DError(f"{w}.warmup.topk must be >= 1 for mode = 'topk'")
+        if wu.teacher_samples_per_prompt < 1:
+            raise S2DError(f"{w}.warmup.teacher_samples_per_prompt = {wu.teacher_samples_per_prompt} must be >= 1")
+        if not 0 < wu.teacher_tail_floor < 1:
+            raise S2DError(f"{w}.warmup.teacher_tail_floor = {wu.teacher_tail_floor} must be in (0, 1)")
+    elif isinstance(s, OPDStageConfig):
+        if s.samples_per_prompt < 1:
+            raise S2DError(f"{w}.samples_per_prompt = {s.samples_per_prompt} must be >= 1")
+        if s.opd.mode == "topk" and s.opd.topk < 1:
+            raise S2DError(f"{w}.opd.topk must be >= 1 for mode = 'topk'")
+        if s.opd.task_reward_coef and s.samples_per_prompt < 2:
+            raise S2DError(f"{w}.opd.task_reward_coef needs samples_per_prompt >= 2 (the task reward enters through "
+                           "its advantage within each prompt's group)")
+        _check_clip(w, s.clip)
+
+
+def _check_stage(plan: PlanConfig, s: StageBase, where: str) -> None:
     by_name = {x.name: x for x in plan.stages}
     w = f"{where}: stages.{s.name}"
-    for ref, label in ((s.init, "init"), (s.teacher, "teacher")):
+    k = kind_of(s)
+    teacher = getattr(s, "teacher", None)
+    for ref, label in ((s.init, "init"), (teacher, "teacher")):
         if ref not in (None, "base") and ref not in by_name:
             raise S2DError(f"{w}.{label} = {ref!r} names no stage; stages: {sorted(by_name)} (or 'base')")
-    if s.init != "base" and policy_model(by_name[s.init]) != policy_model(s):
-        raise S2DError(f"{w}.init = {s.init!r}: a {s.kind} stage trains the {policy_model(s)}, but stage "
-                       f"{s.init!r} trains the {policy_model(by_name[s.init])}")
-    if s.kind in DISTILL_KINDS:
-        if s.teacher is None:
+    if s.init != "base" and trained_model(by_name[s.init]) != k.trains:
+        raise S2DError(f"{w}.init = {s.init!r}: a {s.kind} stage trains the {k.trains}, but stage "
+                       f"{s.init!r} trains the {trained_model(by_name[s.init])}")
+    if k.needs_teacher:
+        if teacher is None:
             raise S2DError(f"{w}.teacher is required for a {s.kind} stage ('base' or a teacher_rl stage name)")
-        if s.teacher != "base" and by_name[s.teacher].kind != "teacher_rl":
-            raise S2DError(f"{w}.teacher = {s.teacher!r} is a {by_name[s.teacher].kind} stage, not a teacher_rl stage")
-    elif s.teacher is not None:
-        raise S2DError(f"{w}.teacher is only meaningful for fkl_warmup / opd stages (got {s.teacher!r})")
+        if teacher != "base" and trained_model(by_name[teacher]) != "teacher":
+            raise S2DError(f"{w}.teacher = {teacher!r} is a {by_name[teacher].kind} stage, not one that trains the "
+                           "teacher")
     if s.split is None:
         raise S2DError(f"{w}.split is required (one of {sorted(plan.data.split.fractions)})")
     if s.split not in plan.data.split.fractions:
         raise S2DError(f"{w}.split = {s.split!r} is not a data split; splits: {sorted(plan.data.split.fractions)}")
-    for name, value in (("steps", s.steps), ("prompts_per_step", s.prompts_per_step),
-                        ("samples_per_prompt", s.samples_per_prompt), ("updates_per_step", s.updates_per_step),
-                        ("micro_batch_tokens", s.micro_batch_tokens)):
-        if value < 1:
-            raise S2DError(f"{w}.{name} = {value} must be >= 1")
-    if s.kind in RL_KINDS and s.samples_per_prompt < 2:
-        raise S2DError(f"{w}.samples_per_prompt = {s.samples_per_prompt}: GRPO needs a group of >= 2 samples")
-    if s.rollout.max_new_tokens >= s.micro_batch_tokens:
+    for name in ("steps", "prompts_per_step", "updates_per_step", "micro_batch_tokens", "keep_checkpoints"):
+        if getattr(s, name) < 1:
+            raise S2DError(f"{w}.{name} = {getattr(s, name)} must be >= 1")
+    if s.save_every < 0:
+        raise S2DError(f"{w}.save_every = {s.save_every} must be >= 0 (0: only at the end)")
+    r = s.rollout
+    if r.max_new_tokens >= s.micro_batch_tokens:
         raise S2DError(f"{w}.micro_batch_tokens = {s.micro_batch_tokens} cannot hold one sequence of "
-                       f"max_new_tokens = {s.rollout.max_new_tokens} plus its prompt")
-    d, r = s.distill, s.rollout
-    if s.kind == "fkl_warmup" and d.fkl_mode == "topk" and d.topk < 1:
-        raise S2DError(f"{w}.distill.topk must be >= 1 for fkl_mode = 'topk'")
-    if s.kind == "fkl_warmup" and d.teacher_samples_per_prompt < 1:
-        raise S2DError(f"{w}.distill.teacher_samples_per_prompt = {d.teacher_samples_per_prompt} must be >= 1")
-    if s.kind == "opd" and d.opd_mode == "topk":
-        if d.topk < 1:
-            raise S2DError(f"{w}.distill.topk must be >= 1 for opd_mode = 'topk'")
-        if not d.tail:
-            raise S2DError(f"{w}.distill.tail = false with opd_mode = 'topk': the top-k reverse KL without the tail "
-                           "bucket pushes the student's mass out of its top-k (the wrong direction); set tail: true")
-    if not 0 < d.teacher_tail_floor < 1:
-        raise S2DError(f"{w}.distill.teacher_tail_floor = {d.teacher_tail_floor} must be in (0, 1)")
+                       f"rollout.max_new_tokens = {r.max_new_tokens} plus its prompt")
     # every stage kind trains on sampled log-probs at the rollout temperature (see policy.objectives): greedy
     # decoding has no sampling distribution to train on
     if not (r.temperature > 0 and math.isfinite(r.temperature)):
@@ -116,29 +136,21 @@ def _check_stage(plan: PlanConfig, s: StageConfig, where: str) -> None:
                        "evaluation only)")
     if not 0 < r.top_p <= 1 or r.top_k < 0 or r.max_new_tokens < 1:
         raise S2DError(f"{w}.rollout: top_p must be in (0, 1], top_k >= 0 and max_new_tokens >= 1")
+    if not 0 < r.vllm.gpu_memory_utilization <= 1 or r.vllm.cpu_kvcache_gib <= 0:
+        raise S2DError(f"{w}.rollout.vllm: gpu_memory_utilization must be in (0, 1] and cpu_kvcache_gib > 0")
     o = s.optim
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise S2DError(f"{w}.optim.lr = {o.lr} must be a positive number")
     if o.warmup_updates < 0 or not 0 <= o.min_lr <= o.lr:
         raise S2DError(f"{w}.optim: warmup_updates must be >= 0 and 0 <= min_lr <= lr")
-    for name, clip in (("grpo", s.grpo), ("distill", s.distill)):
-        if not 0 <= clip.eps_low < 1 or clip.eps_high < 0:
-            raise S2DError(f"{w}.{name}: eps_low must be in [0, 1) and eps_high >= 0 (got {clip.eps_low}, "
-                           f"{clip.eps_high})")
-    if not s.grpo.kl_clamp > 0:
-        raise S2DError(f"{w}.grpo.kl_clamp = {s.grpo.kl_clamp} must be > 0")
+    _check_kind_fields(s, w)
 
 
-def rows_per_prompt(stage: StageConfig) -> int:
-    """Training sequences per prompt: the teacher samples of the forward-KL warmup, the policy's samples otherwise."""
-    return stage.distill.teacher_samples_per_prompt if stage.kind == "fkl_warmup" else stage.samples_per_prompt
-
-
-def batch_layout_errors(plan: PlanConfig, stage: StageConfig) -> list[str]:
+def batch_layout_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
     """Problems a stage job would hit at step 0 with the job's layout: its prompts are split over the data-parallel
     ranks of the model it trains (DP = world / (tp x pp)), and every rank cuts its rows into ``updates_per_step``
     mini-batches. Checked when the plan is loaded and by the dry run, naming the stage and the fields."""
-    role = policy_model(stage)
+    role = trained_model(stage)
     m = plan.models[role]
     world = plan.launch.nodes * plan.launch.procs_per_node
     if m.tp < 1 or m.pp < 1 or world % (m.tp * m.pp):
@@ -149,7 +161,7 @@ def batch_layout_errors(plan: PlanConfig, stage: StageConfig) -> list[str]:
         return [f"{w}.prompts_per_step = {stage.prompts_per_step} does not divide over the {dp} data-parallel ranks "
                 f"of models.{role} (world {world} / tp {m.tp} / pp {m.pp}); use a multiple of {dp}"]
     rows = stage.prompts_per_step // dp * rows_per_prompt(stage)
-    what = ("distill.teacher_samples_per_prompt" if stage.kind == "fkl_warmup" else "samples_per_prompt")
+    what = "warmup.teacher_samples_per_prompt" if isinstance(stage, WarmupStageConfig) else "samples_per_prompt"
     if stage.updates_per_step > rows:
         return [f"{w}.updates_per_step = {stage.updates_per_step} exceeds the {rows} sequences each data-parallel rank "
                 f"trains on per step (prompts_per_step / dp x {what} = {stage.prompts_per_step} / {dp} x "
@@ -157,21 +169,11 @@ def batch_layout_errors(plan: PlanConfig, stage: StageConfig) -> list[str]:
     return []
 
 
-def consumes_labels(stage: StageConfig) -> bool:
-    """RL stages use gold answers; so does OPD when the sparse task reward is mixed into its dense reward."""
-    return stage.kind in RL_KINDS or (stage.kind == "opd" and stage.distill.opd_task_reward_coef != 0)
-
-
 def label_ledger(plan: PlanConfig) -> dict[str, list[str]]:
     """For every stage, the data splits whose labels it or its ancestors consumed."""
     by_name = {s.name: s for s in plan.stages}
     return {s.name: sorted({by_name[a].split for a in ancestors(plan, s.name) + [s.name]
                             if consumes_labels(by_name[a])}) for s in plan.stages}
-
-
-def generating_model(stage: StageConfig) -> str:
-    """The model whose samples a stage trains on: the teacher for the forward-KL warmup, else the policy."""
-    return "teacher" if stage.kind == "fkl_warmup" else policy_model(stage)
 
 
 def resolve_engines(plan: PlanConfig) -> None:
@@ -188,7 +190,7 @@ def generations(plan: PlanConfig) -> list[tuple[str, str, str]]:
     for s in plan.stages:
         out.append((f"stages.{s.name}.rollout", generating_model(s), s.rollout.engine))
         if s.eval:
-            out.append((f"stages.{s.name} (final evaluation)", policy_model(s), "megatron"))
+            out.append((f"stages.{s.name} (final evaluation)", trained_model(s), "megatron"))
     if plan.eval.include_base:
         out += [("eval.include_base", "teacher", "megatron"), ("eval.include_base", "student", "megatron")]
     return out
@@ -218,6 +220,8 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
             raise S2DError(f"{where}: stages[{i}].name is empty")
         if names.count(n) > 1:
             raise S2DError(f"{where}: stage name {n!r} is used twice")
+        if plan.stages[i].kind not in KINDS:
+            raise S2DError(f"{where}: stages.{n}.kind = {plan.stages[i].kind!r}: expected one of {sorted(KINDS)}")
     for role in ("teacher", "student"):
         m = plan.models.get(role)
         if m is None:
@@ -247,6 +251,8 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
                 f"stage {used[s.split]!r}; use another split, or set replay: true (the matched-replay control)")
     if plan.launch.nodes < 1 or plan.launch.procs_per_node < 1:
         raise S2DError(f"{where}: launch.nodes and launch.procs_per_node must be >= 1")
+    if plan.eval.k < 1 or plan.eval.max_new_tokens < 1 or plan.eval.temperature < 0:
+        raise S2DError(f"{where}: eval: k and max_new_tokens must be >= 1 and temperature >= 0")
     _check_generations(plan, where)
     world = plan.launch.nodes * plan.launch.procs_per_node
     for role, m in plan.models.items():

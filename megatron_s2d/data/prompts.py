@@ -69,3 +69,9 @@ def build_prompt(tokenizer, problem: Problem, instruction: str = DEFAULT_INSTRUC
 def build_prompts(tokenizer, problems: Iterable[Problem], instruction: str = DEFAULT_INSTRUCTION) -> list[str]:
     """`build_prompt` for each problem, in order."""
     return [build_prompt(tokenizer, p, instruction) for p in problems]
+
+
+def encode_prompt(tokenizer, problem: Problem, instruction: str | None = None) -> list[int]:
+    """Token ids of a problem's prompt (chat template + instruction), without special tokens added twice."""
+    text = build_prompt(tokenizer, problem, instruction or DEFAULT_INSTRUCTION)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -18,7 +18,7 @@ def _as_megatron(model_dir: Path, tmp: Path) -> Path:
     if (model_dir / "s2d_model.json").is_file():
         return model_dir
     if (model_dir / "config.json").is_file():
-        from checkpoints_convert.hf_to_megatron import convert_hf_to_megatron
+        from megatron_s2d.checkpoint.hf_to_megatron import convert_hf_to_megatron
 
         out = tmp / "megatron"
         convert_hf_to_megatron(model_dir, out)
@@ -30,7 +30,7 @@ def _as_megatron(model_dir: Path, tmp: Path) -> Path:
 def _as_hf(model_dir: Path, tmp: Path) -> Path:
     if (model_dir / "config.json").is_file():
         return model_dir
-    from checkpoints_convert.megatron_to_hf import convert_megatron_to_hf
+    from megatron_s2d.checkpoint.megatron_to_hf import convert_megatron_to_hf
 
     out = tmp / "hf"
     convert_megatron_to_hf(model_dir, out)
@@ -42,17 +42,17 @@ def main(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_s2d.config import ModelConfig
-    from megatron_s2d.eval.runner import evaluate_sets
-    from megatron_s2d.pipeline.splits_io import load_source
-    from megatron_s2d.runtime.dist import init_distributed
+    from megatron_s2d.data.sources import load_source
+    from megatron_s2d.eval.runner import DataParallel, Evaluator
+    from megatron_s2d.runtime.dist import data_parallel_group, init_distributed
 
     if args.k < 1:
         raise S2DError(f"--k = {args.k}: must be >= 1")
     model_dir = Path(args.model)
     sets = [(name, load_source(name, args.limit)) for name in args.data]
     info = init_distributed(args.tp, 1, seed=args.seed)
-    from megatron.core import parallel_state as ps
-
+    evaluator = Evaluator(sets=sets, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens, instruction=None, seed=args.seed)
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         if args.engine == "vllm":
@@ -64,26 +64,22 @@ def main(args) -> int:
             gen_cfg = json.loads((hf / "generation_config.json").read_text()) \
                 if (hf / "generation_config.json").is_file() else {}
             stop = gen_cfg.get("eos_token_id", tokenizer.eos_token_id)
+            stop = tuple(stop) if isinstance(stop, list) else (stop,)
         else:
+            from megatron_s2d.checkpoint.assets import ModelAssets
+            from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
             from megatron_s2d.policy.megatron_policy import MegatronPolicy
             from megatron_s2d.rollout.megatron_sampler import MegatronSampler
-            from megatron_s2d.runtime.model_ckpt import load_model_checkpoint, read_model_meta
-            from megatron_s2d.stages.context import stop_token_ids
 
-            ckpt = _as_megatron(model_dir, tmp)
-            arch, meta = read_model_meta(ckpt)
-            policy = MegatronPolicy(arch, ModelConfig(tp=args.tp, dtype=meta["dtype"]), optim=None, seed=args.seed)
-            load_model_checkpoint(policy.module, ckpt)
-            tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
-            stop = list(stop_token_ids(ckpt, tokenizer))
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            engine = MegatronSampler(policy.module, arch, eos_token_ids=stop, pad_token_id=pad)
-        stop = stop if isinstance(stop, list) else [stop]
-        results = evaluate_sets(
-            engine, tokenizer, sets, k=args.k, temperature=args.temperature, top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens, stop_ids=stop, instruction=None, seed=args.seed,
-            dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-            dp_group=ps.get_data_parallel_group(), show_progress=info.is_main)
+            assets = ModelAssets.load(_as_megatron(model_dir, tmp))
+            policy = MegatronPolicy(assets.arch, ModelConfig(tp=args.tp, dtype=assets.meta["dtype"]), optim=None,
+                                    seed=args.seed)
+            load_model_checkpoint(policy.module, assets.path)
+            tokenizer, stop = assets.tokenizer, assets.stop_ids
+            engine = MegatronSampler(policy.module, assets.arch, eos_token_ids=list(stop), pad_token_id=assets.pad_id)
+        results = evaluator.evaluate(engine, tokenizer, stop, dp=DataParallel(info.dp_rank, info.dp,
+                                                                             data_parallel_group()),
+                                     show_progress=info.is_main)
         engine.close()
     if info.is_main:
         print(f"| data | avg@{args.k} | stderr | problems |\n|---|---|---|---|")

@@ -17,8 +17,8 @@ import sys
 def _cmd_run(args) -> int:
     from megatron_s2d.config import load_plan
     from megatron_s2d.launch.experiment import run_plan
-    from megatron_s2d.pipeline.layout import RunLayout
-    from megatron_s2d.pipeline.preflight import prepare_run, write_resolved_plan
+    from megatron_s2d.stages.layout import RunLayout
+    from megatron_s2d.run.preflight import prepare_run, write_resolved_plan
 
     plan = load_plan(args.plan, args.overrides)
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
@@ -33,7 +33,7 @@ def _cmd_run(args) -> int:
     plan, layout = prepare_run(plan, log=log)
     run_plan(plan, str(layout.plan), stages=stages, executor=executor)
     if executor == "local":  # on SLURM the report is the last dependent job
-        from megatron_s2d.pipeline.report import write_report
+        from megatron_s2d.run.report import write_report
 
         md, plots = write_report(layout.root)
         print("\n" + md + "\n", flush=True)
@@ -44,7 +44,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from megatron_s2d.pipeline.report import write_report
+    from megatron_s2d.run.report import write_report
 
     md, plots = write_report(args.run_dir)
     print(md)

@@ -1,10 +1,13 @@
-"""Build and run a plan's jobs with NeMo-Run: locally (torchrun, one job after another) or on SLURM (dependent jobs).
+"""Plan a launch, then render it (``--dry-run``) or submit it (a run), with NeMo-Run: locally (torchrun, one job
+after another) or on SLURM (dependent jobs).
 
-Entry points for the CLI::
+    launch = plan_launch(plan, plan_path, stages, executor, JobSelection.run())     # jobs + pure checks, no effects
+    render(plan, launch, out_dir)   # --dry-run: every job's script (SLURM: NeMo-Run's sbatch; local: the command)
+    submit(plan, launch)            # a run: NeMo-Run experiments, launched
+    launch_plan(...)                # the CLI's one call: plan, then render (dry_run) or submit
 
-    run_plan(plan, plan_path_resolved, stages=None, executor=None, dry_run=False) -> 0   # raises S2DError on failure
-    launch_plan(...) -> PlannedRun                   # the same, returning what was launched (tests, scripting)
-    build_experiment(plan, plan_path_resolved, stages, executor, dry_run)   # just the NeMo-Run objects
+What a dry run selects differs from a run, explicitly (``JobSelection``): it also lists complete stages and does not
+require the parents of a selected stage to be complete.
 
 **SLURM** (``executor="slurm"``): one ``run.Experiment`` holding one task per job with ``dependencies`` on its
 parents, so NeMo-Run submits them at once as ``afterok``-chained sbatch jobs and returns (``detach``).
@@ -18,10 +21,6 @@ failing job with a non-zero exit naming the job and its log file, and check each
 Measured on 2 CPU cores: ``import nemo_run`` 3-10 s once per launch (cold cache: ~10 s); ~2 s per job of NeMo-Run's
 own (a trivial job: 2.1 s through NeMo-Run vs 0.05 s bare; it polls job state every 2 s). The larger per-job cost is
 torchrun + torch imports in the agent and workers (~8-10 s per job at 2 processes), with or without NeMo-Run.
-
-The dry run validates layouts and memory (:mod:`megatron_s2d.launch.dry_run`), renders every job's script to
-``<run_dir>/dry_run/<job>.sbatch`` (SLURM: NeMo-Run's sbatch template) or ``<job>.sh`` (local: the command line),
-and prints one row per job.
 """
 
 from __future__ import annotations
@@ -35,21 +34,41 @@ from typing import Literal, TextIO
 from megatron_s2d.config.schema import PlanConfig
 from megatron_s2d.errors import S2DError
 from megatron_s2d.launch import slurm as slurm_mod
-from megatron_s2d.launch.dry_run import JobCheck, check_jobs, format_table
+from megatron_s2d.launch.checks import JobCheck, check_jobs, format_table
 from megatron_s2d.launch.jobs import Job, job_command, plan_jobs
-from megatron_s2d.pipeline.layout import RunLayout
+from megatron_s2d.stages.layout import RunLayout
 from megatron_s2d.runtime.preemption import EXIT_PREEMPTED
 
 LOCAL_ENV = {"PYTHONUNBUFFERED": "1"}
 
 
+@dataclass(frozen=True)
+class JobSelection:
+    """Which jobs a launch takes: complete stages too (a dry run shows every job), whether a selected stage's
+    parents must already be complete when not launched with it (a run needs their checkpoints), the report job."""
+
+    include_complete: bool
+    require_parents: bool
+    report: bool | None = None  # None: on SLURM only (after a local run the CLI writes the report in-process)
+
+    @staticmethod
+    def run(report: bool | None = None) -> "JobSelection":
+        return JobSelection(include_complete=False, require_parents=True, report=report)
+
+    @staticmethod
+    def dry_run(report: bool | None = None) -> "JobSelection":
+        return JobSelection(include_complete=True, require_parents=False, report=report)
+
+
 @dataclass
 class PlannedRun:
-    """What a launch consists of. ``experiments``: SLURM one experiment with every job; local one per job."""
+    """A planned launch: its jobs and their checks; after ``submit`` the NeMo-Run experiments (SLURM: one with every
+    job; local: one per job), after ``render`` the scripts."""
 
     executor: Literal["local", "slurm"]
     jobs: list[Job]
     checks: list[JobCheck]
+    plan_path: str = ""
     experiments: list = field(default_factory=list)
     scripts: dict[str, str] = field(default_factory=dict)  # dry run: job -> rendered script path
 
@@ -85,45 +104,44 @@ def _write_local_scripts(plan: PlanConfig, jobs: list[Job], plan_path: str, out_
     return paths
 
 
-def build_experiment(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
-                     executor: Literal["local", "slurm"] = "local", dry_run: bool = False,
-                     report: bool | None = None) -> PlannedRun:
-    """Select the jobs, validate layouts/memory, and build the NeMo-Run experiment(s) (not launched).
-
-    ``dry_run``: also keep complete stages, do not require unselected parents to be complete, and render every
-    job's script under ``<run_dir>/dry_run/``. ``report``: add the report job (None: on SLURM only). Raises
-    :class:`S2DError` on any validation problem.
-    """
+def plan_launch(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None,
+                executor: Literal["local", "slurm"], selection: JobSelection) -> PlannedRun:
+    """Select the jobs and run every check that needs no cluster (layouts, memory, the SLURM profile); no side
+    effects. Raises :class:`S2DError` naming every problem."""
     if executor not in ("local", "slurm"):
         raise S2DError(f"executor {executor!r}: expected 'local' or 'slurm'")
-    report = executor == "slurm" if report is None else report
+    report = executor == "slurm" if selection.report is None else selection.report
     remote = executor == "slurm" and plan.launch.slurm.tunnel == "ssh"  # a path on the cluster: keep it as given
     plan_path = plan_path_resolved if remote else str(Path(plan_path_resolved).resolve())
     if remote and not Path(plan_path_resolved).is_absolute():
         raise S2DError(f"plan path {plan_path_resolved!r} must be absolute (a path on the cluster) for an ssh tunnel")
-    jobs = plan_jobs(plan, stages, include_complete=dry_run, report=report, check_parents=not dry_run)
-    checks = check_jobs(plan, jobs)
-    planned = PlannedRun(executor, jobs, checks)
-    out_dir = RunLayout.of(plan.run_dir).root / "dry_run"
     if executor == "slurm":
         slurm_mod.check_slurm_config(plan)
-        if dry_run:
-            planned.scripts = slurm_mod.render_sbatch(plan, jobs, plan_path, out_dir)
-            return planned
+    elif plan.launch.nodes != 1:
+        raise S2DError(f"launch.nodes = {plan.launch.nodes}: the local executor runs on one node (use --executor "
+                       f"slurm, or launch.nodes=1)")
+    jobs = plan_jobs(plan, stages, include_complete=selection.include_complete, report=report,
+                     check_parents=selection.require_parents)
+    return PlannedRun(executor, jobs, check_jobs(plan, jobs), plan_path)
+
+
+def render(plan: PlanConfig, planned: PlannedRun, out_dir: Path) -> dict[str, str]:
+    """Write every job's script to ``out_dir`` (SLURM: NeMo-Run's sbatch; local: the command line)."""
+    if planned.executor == "slurm":
+        planned.scripts = slurm_mod.render_sbatch(plan, planned.jobs, planned.plan_path, out_dir)
+    else:
+        planned.scripts = _write_local_scripts(plan, planned.jobs, planned.plan_path, out_dir)
+    return planned.scripts
+
+
+def _experiments(plan: PlanConfig, planned: PlannedRun) -> list:
+    if planned.executor == "slurm":
         run = slurm_mod.load_nemo_run()
         exp = run.Experiment(plan.name, base_dir=slurm_mod.experiment_base_dir(plan), enable_goodbye_message=False)
         with exp:
-            slurm_mod.add_jobs(exp, plan, jobs, plan_path)
-        planned.experiments = [exp]
-        return planned
-    if plan.launch.nodes != 1:
-        raise S2DError(f"launch.nodes = {plan.launch.nodes}: the local executor runs on one node (use --executor "
-                       f"slurm, or launch.nodes=1)")
-    if dry_run:
-        planned.scripts = _write_local_scripts(plan, jobs, plan_path, out_dir)
-        return planned
-    planned.experiments = [_local_experiment(plan, job, plan_path) for job in jobs]
-    return planned
+            slurm_mod.add_jobs(exp, plan, planned.jobs, planned.plan_path)
+        return [exp]
+    return [_local_experiment(plan, job, planned.plan_path) for job in planned.jobs]
 
 
 def _log_file(nr_job) -> str:
@@ -154,44 +172,46 @@ def _run_local(plan: PlanConfig, planned: PlannedRun, out: TextIO) -> None:
         print(f"[s2d] job {job.name} done", file=out, flush=True)
 
 
-def launch_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
-                executor: Literal["local", "slurm"] | None = None, dry_run: bool = False, detach: bool = True,
-                report: bool | None = None, out: TextIO | None = None) -> PlannedRun:
-    """Launch ``stages`` (None: the whole plan) of ``plan``; the plan must already be written to
-    ``plan_path_resolved`` (a path every job can read: on SLURM, on the shared filesystem). Returns what was
-    launched (jobs, checks, NeMo-Run experiments, rendered scripts).
-
-    ``executor``: None uses ``plan.launch.executor``. ``dry_run``: validate, render scripts, print the table, launch
-    nothing. ``report``: add the final report job; None = on SLURM only (after a local run the CLI writes the
-    report in-process). Local runs block until every job finished and raise :class:`S2DError` at the first
-    failure; SLURM runs submit every job and return (``detach``) or wait for them.
-    """
-    out = out or sys.stdout
-    executor = executor or plan.launch.executor
-    report = executor == "slurm" if report is None else report
-    planned = build_experiment(plan, plan_path_resolved, stages, executor, dry_run, report)
-    if dry_run:
-        print(format_table(planned.checks, planned.scripts), file=out, flush=True)
-        print(f"[s2d] dry run OK: {len(planned.jobs)} job(s), scripts in {RunLayout.of(plan.run_dir).root / 'dry_run'}",
-              file=out, flush=True)
-        return planned
+def submit(plan: PlanConfig, planned: PlannedRun, out: TextIO, detach: bool = True) -> PlannedRun:
+    """Launch the planned jobs. Local runs block until every job finished and raise :class:`S2DError` at the first
+    failure; SLURM runs submit every job and return (``detach``) or wait for them."""
     if not planned.jobs:
         print("[s2d] nothing to run: every selected stage is complete", file=out, flush=True)
         return planned
-    if executor == "local":
+    planned.experiments = _experiments(plan, planned)
+    if planned.executor == "local":
         _run_local(plan, planned, out)
         return planned
     exp = planned.experiments[0]
     if plan.launch.slurm.tunnel == "ssh":  # the jobs read the plan from the cluster's filesystem
         tunnel = exp.jobs[0].executor.tunnel
         tunnel.connect()
-        tunnel.run(f"mkdir -p {shlex.quote(str(Path(plan_path_resolved).parent))}")
-        tunnel.put(plan_path_resolved, plan_path_resolved)
+        tunnel.run(f"mkdir -p {shlex.quote(str(Path(planned.plan_path).parent))}")
+        tunnel.put(planned.plan_path, planned.plan_path)
     with exp, slurm_mod.no_stdin():
         exp.run(detach=detach)
     print(f"[s2d] submitted {len(planned.jobs)} SLURM job(s): {', '.join(j.name for j in planned.jobs)}", file=out,
           flush=True)
     return planned
+
+
+def launch_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
+                executor: Literal["local", "slurm"] | None = None, dry_run: bool = False, detach: bool = True,
+                report: bool | None = None, out: TextIO | None = None) -> PlannedRun:
+    """Plan the launch of ``stages`` (None: the whole plan), then render it (``dry_run``: scripts + the table, nothing
+    launched) or submit it. The plan must already be written to ``plan_path_resolved`` (a path every job can read:
+    on SLURM, on the shared filesystem). ``executor``: None uses ``plan.launch.executor``."""
+    out = out or sys.stdout
+    executor = executor or plan.launch.executor
+    if dry_run:
+        planned = plan_launch(plan, plan_path_resolved, stages, executor, JobSelection.dry_run(report))
+        out_dir = RunLayout.of(plan.run_dir).root / "dry_run"
+        render(plan, planned, out_dir)
+        print(format_table(planned.checks, planned.scripts), file=out, flush=True)
+        print(f"[s2d] dry run OK: {len(planned.jobs)} job(s), scripts in {out_dir}", file=out, flush=True)
+        return planned
+    planned = plan_launch(plan, plan_path_resolved, stages, executor, JobSelection.run(report))
+    return submit(plan, planned, out, detach)
 
 
 def run_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
@@ -200,4 +220,16 @@ def run_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None
     """CLI form of :func:`launch_plan`: returns 0 when every job succeeded (local) or was submitted (SLURM);
     failures raise :class:`S2DError` (the message names the job and its log file)."""
     launch_plan(plan, plan_path_resolved, stages, executor, dry_run, report=report)
+    return 0
+
+
+def dry_run(plan: PlanConfig, source: str | None = None, stages: list[str] | None = None,
+            executor: str | None = None, out=None) -> int:
+    """``s2d run --dry-run``: validate every job, render its script under ``<run_dir>/dry_run/`` with
+    ``--plan <run_dir>/plan.resolved.yaml`` as a real run would, and print the table. ``source``: the plan file the
+    user gave (only named in the output)."""
+    out = out or sys.stdout
+    if source:
+        print(f"[s2d] dry run of {source} (plan {plan.name!r})", file=out, flush=True)
+    launch_plan(plan, str(RunLayout.of(plan.run_dir).plan), stages, executor, dry_run=True, out=out)
     return 0

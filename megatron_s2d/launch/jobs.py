@@ -9,7 +9,7 @@ A plan launches as
 * A stage job waits for its parents (``init`` and ``teacher`` stages) that are launched with it. A parent that is
   not launched must already be complete (``<run_dir>/stages/<name>/COMPLETE``), else the launch is refused.
 * Complete stages are skipped (``include_complete`` keeps them, for dry runs).
-* ``report`` (``python -m megatron_s2d.pipeline.report_entry --run-dir RUN_DIR``) waits for every other job.
+* ``report`` (``python -m megatron_s2d.run.report_entry --run-dir RUN_DIR``) waits for every other job.
 
 Stage jobs run ``python -m megatron_s2d.launch.agent`` (torchrun + SIGUSR1 forwarding, see ``agent.py``) with
 ``-m megatron_s2d.stages.entry --plan <plan.resolved.yaml> --stage <name>``.
@@ -23,12 +23,12 @@ from typing import Literal
 from megatron_s2d.config.schema import PlanConfig
 from megatron_s2d.config.validate import parents, topo_order
 from megatron_s2d.errors import S2DError
-from megatron_s2d.pipeline.layout import BASE_EVAL, RunLayout
+from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
 
 REPORT = "report"
 AGENT_MODULE = "megatron_s2d.launch.agent"
 STAGE_ENTRY = "megatron_s2d.stages.entry"
-REPORT_ENTRY = "megatron_s2d.pipeline.report_entry"
+REPORT_ENTRY = "megatron_s2d.run.report_entry"
 RDZV_PORT = 29500
 
 

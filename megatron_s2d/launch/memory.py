@@ -41,8 +41,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_s2d.config.schema import ModelConfig, PlanConfig, StageConfig
-from megatron_s2d.config.validate import generating_model
+from megatron_s2d.config.kinds import kind_of
+from megatron_s2d.config.schema import GRPOStageConfig, ModelConfig, PlanConfig, StageBase
 from megatron_s2d.models.arch import ArchSpec
 
 GIB = 2**30
@@ -146,11 +146,10 @@ def engine_bytes(arch: ArchSpec, model: ModelConfig, engine: str, max_new_tokens
     return weights + kv
 
 
-def estimate_stage_memory(plan: PlanConfig, stage: StageConfig, archs: dict[str, ArchSpec], dp: int) -> MemoryEstimate:
+def estimate_stage_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec], dp: int) -> MemoryEstimate:
     """Estimate the per-GPU memory of ``stage`` (policy at its layout with data-parallel size ``dp``)."""
-    from megatron_s2d.config.validate import policy_model
-
-    role = policy_model(stage)
+    kind = kind_of(stage)
+    role = kind.trains
     m, arch = plan.models[role], archs[role]
     wb = dtype_bytes(m.dtype)
     p = params_on_heaviest_stage(arch, m.tp, m.pp)
@@ -158,14 +157,14 @@ def estimate_stage_memory(plan: PlanConfig, stage: StageConfig, archs: dict[str,
     tokens = stage.micro_batch_tokens
     act = training_activation_bytes(arch, m.tp, m.pp, tokens, m.recompute, wb)
     teacher = 0.0
-    if stage.kind in ("fkl_warmup", "opd"):
+    if kind.needs_teacher:
         t, tarch = plan.models["teacher"], archs["teacher"]
         teacher = params_on_heaviest_stage(tarch, t.tp, t.pp) * dtype_bytes(t.dtype)
         act = max(act, scoring_bytes(tarch, t.tp, tokens, dtype_bytes(t.dtype)))
-    elif stage.grpo.kl_beta > 0:
+    elif isinstance(stage, GRPOStageConfig) and stage.grpo.kl_beta > 0:
         teacher = p * wb  # frozen reference policy at the policy's layout
         act = max(act, scoring_bytes(arch, m.tp, tokens, wb))
-    gen_role = generating_model(stage)
+    gen_role = kind.samples_from
     rollout = engine_bytes(archs[gen_role], plan.models[gen_role], stage.rollout.engine, stage.rollout.max_new_tokens)
     if stage.eval:
         rollout = max(rollout, engine_bytes(arch, m, plan.eval.engine, plan.eval.max_new_tokens))

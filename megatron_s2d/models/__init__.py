@@ -1,4 +1,6 @@
-"""Llama-3.x / Qwen3 dense models as megatron-core GPTModel, built from an HF config.json.
+"""Llama-3.x / Qwen3 dense models as megatron-core GPTModel, built from an HF config.json; the facts about each
+family: its state-dict adapter (``state_dict``: HF <-> megatron names and TP layout) and HF config (``llama``,
+``qwen3``).
 
 ``arch`` (config parsing and layout checks) imports no torch/megatron, so the launcher stays light on a login node;
 ``build`` (the GPTModel) is imported on first use.

@@ -27,14 +27,18 @@ from megatron_s2d.config.schema import ModelConfig, OptimConfig
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec
 from megatron_s2d.models.build import ModelOptions, build_gpt_model
+from megatron_s2d.policy import objectives as O
+from megatron_s2d.policy.batch import RolloutBatch
 from megatron_s2d.policy.batching import (block_causal_mask, pack_rows, placeholder_batch, plan_micro_batches,
                                           plan_packs, scatter_rows, slice_batch)
+from megatron_s2d.policy.interface import ScoringMethods
 
-Objective = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+Objective = O.Objective
 
 
 class NonFiniteError(S2DError):
-    """NaN/inf in the loss or gradients: the step is not applied and no checkpoint is written."""
+    """NaN/inf in the loss or gradients: the step is not applied and no checkpoint is written. A user error in
+    practice (a learning rate the model cannot take): the message says to lower ``optim.lr``."""
 
 
 @dataclass
@@ -52,13 +56,17 @@ def _finalize_grads(models, num_tokens=None, **kwargs):
     finalize_model_grads(models, None)
 
 
-class MegatronPolicy:
+class MegatronPolicy(ScoringMethods):
+    """A megatron-core GPTModel behind the ``Policy`` (trainable) / ``Scorer`` (frozen) interface."""
+
     def __init__(self, arch: ArchSpec, model_cfg: ModelConfig, optim: OptimConfig | None = None,
-                 total_updates: int = 1, seed: int = 1234, groups=None, initialize: bool = True):
+                 total_updates: int = 1, seed: int = 1234, groups=None, initialize: bool = True,
+                 micro_batch_tokens: int = 4096):
         from megatron.core import parallel_state as ps
 
         self.arch = arch
         self.model_cfg = model_cfg
+        self.micro_batch_tokens = micro_batch_tokens  # per-rank token budget of one micro-batch (every call)
         self.trainable = optim is not None
         pack = model_cfg.pack_sequences
         if pack not in ("auto", True, False):
@@ -278,6 +286,43 @@ class MegatronPolicy:
         metrics["lr"] = lr
         return StepResult(metrics=metrics, num_micro_batches=n_micro, padded_tokens=padded)
 
+    def train(self, batch: RolloutBatch, loss: O.Loss, updates: int) -> dict[str, float]:
+        """``updates`` optimizer updates over contiguous mini-batches of this rank's rows of ``batch``; returns the
+        metrics averaged over the updates made (``updates``: how many).
+
+        Every rank makes the same number of updates (the gradient all-reduce is a collective): a rank whose piece is
+        empty trains on a zero-weight placeholder row, and a piece that is empty on *every* rank (no loss token
+        anywhere: a global decision) is skipped by all ranks together, advancing only the LR schedule. The loss is
+        normalised by the piece's global token and sequence counts (all data-parallel ranks), so micro-batching and
+        data parallelism do not change the objective.
+        """
+        from megatron_s2d.losses import finalize_metrics
+
+        tensors = batch.tensors(*loss.fields)
+        n = batch.num_rows
+        out: dict[str, float] = {}
+        done = 0
+        for rows in mini_batches(n, updates):
+            mb = tensors if updates == 1 else {k: v[rows.start:rows.stop] for k, v in tensors.items()}
+            mask = mb["loss_mask"]
+            tokens, seqs = all_reduce_sum([float(mask.sum()), float((mask.sum(1) > 0).sum())], self.dp_group)
+            if tokens == 0:
+                self.skip_update()
+                continue
+            norm = O.Normalisers(num_tokens=tokens, num_seqs=max(seqs, 1.0))
+            res = self.train_step(mb, loss.objective(self.tp_group, norm), self.micro_batch_tokens)
+            extra = {key: res.metrics.pop(key) for key in ("grad_norm", "lr")}
+            fin = finalize_metrics(res.metrics)
+            fin.update(extra)
+            for key, v in fin.items():
+                out[key] = out.get(key, 0.0) + v
+            done += 1
+        out = {k: v / max(done, 1) for k, v in out.items()}
+        out["updates"] = float(done)
+        if "clip_low_frac" in out:
+            out["clip_frac"] = out["clip_low_frac"] + out.get("clip_high_frac", 0.0)
+        return out
+
     def skip_update(self) -> None:
         """An update with no signal anywhere (every rank's rows filtered out): the weights and the optimizer state
         stay as they are, but the schedule advances, so the learning rate of every later update is the planned one.
@@ -285,6 +330,28 @@ class MegatronPolicy:
         if not self.trainable:
             raise S2DError("skip_update called on a frozen model")
         self.scheduler.step(increment=1)
+
+
+def mini_batches(n: int, updates: int) -> list[range]:
+    """Cut ``n`` rows into ``updates`` contiguous pieces whose sizes differ by at most one (a piece is empty only
+    when ``n < updates``). ceil(n / updates)-row pieces would leave trailing pieces empty (n=12, u=8: 6 and 7)."""
+    base, extra = divmod(n, updates)
+    out, start = [], 0
+    for k in range(updates):
+        size = base + (k < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def all_reduce_sum(values: list[float], group) -> list[float]:
+    """Sum a few Python numbers over ``group`` (float64 on the communication device)."""
+    from megatron_s2d.runtime.dist import comm_device
+
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(t, group=group)
+    return t.tolist()
 
 
 def _sum_metrics(store: list[dict]) -> dict[str, torch.Tensor]:

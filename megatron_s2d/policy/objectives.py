@@ -11,8 +11,11 @@ losses always see (B, T) tensors.
 
 Micro-batch keys: ``tokens`` (B,T) long, ``lengths`` (B,), ``loss_mask`` (B,T) float, plus per objective:
   pg (GRPO / OPD):     ``old_logprobs`` (B,T), ``advantages`` (B,T), optional ``ref_logprobs`` (B,T)
-  fkl_topk:            ``teacher_topk_ids`` (B,T,K) long, ``teacher_topk_logprobs`` (B,T,K)
-  rkl_topk (OPD top-k): ``student_topk_ids`` (B,T,K), ``teacher_logprobs_at_ids`` (B,T,K), ``teacher_log_tail`` (B,T)
+  fkl_topk:            ``topk_ids`` (B,T,K) long, ``topk_logprobs`` (B,T,K): the teacher's (it generated the rows)
+  rkl_topk (OPD top-k): ``topk_ids`` (B,T,K): the student's, ``teacher_logprobs_at_ids`` (B,T,K), ``teacher_log_tail``
+(the field names of ``policy.batch.RolloutBatch``). The stage loops describe a loss with one of the frozen dataclasses
+at the end (:class:`PolicyGradientLoss`, :class:`ForwardKLLoss`, :class:`ReverseKLTopkLoss`); the policy binds it to
+its tensor-parallel group and the step's global normalisers (``Loss.objective``), so no process group reaches a loop.
 
 Temperature: one convention for every objective, the rollout temperature T. Both models are compared as
 softmax(z / T): the student's log-probs in every loss, the teacher's scores (``logprob_values(temperature=T)``), the
@@ -28,6 +31,7 @@ temperature as well. T = 0 (greedy) is refused for training stages when the plan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
@@ -137,7 +141,6 @@ def logprob_values(tp_group, temperature: float, topk: int = 0, ids_key: str | N
                 out["log_tail_at_ids"] = target_log_tail(logits, mb, tp_group, temperature, ids_key)
         return logits.sum() * 0.0, out
 
-    objective.inputs = ("tokens", "lengths") + ((ids_key,) if ids_key else ())  # what a routed scorer must ship
     return objective
 
 
@@ -170,9 +173,9 @@ def forward_kl(tp_group, norm: Normalisers, *, mode: str, temperature: float, ta
             lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature)
             loss, metrics = losses.forward_kl_sampled(lp, mask, norm.num_tokens)
         else:
-            lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature, ids_key="teacher_topk_ids")
-            s_tail = target_log_tail(logits, mb, tp_group, temperature, "teacher_topk_ids") if tail else None
-            loss, metrics = losses.forward_kl_topk(lp, mb["teacher_topk_logprobs"], mask, norm.num_tokens, tail,
+            lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature, ids_key="topk_ids")
+            s_tail = target_log_tail(logits, mb, tp_group, temperature, "topk_ids") if tail else None
+            loss, metrics = losses.forward_kl_topk(lp, mb["topk_logprobs"], mask, norm.num_tokens, tail,
                                                    tail_floor=teacher_tail_floor, student_log_tail=s_tail)
         metrics.update(ent)
         return loss, metrics
@@ -187,11 +190,81 @@ def reverse_kl_topk(tp_group, norm: Normalisers, *, temperature: float):
 
     def objective(logits, mb):
         mask = mb["loss_mask"]
-        lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature, ids_key="student_topk_ids")
-        s_tail = target_log_tail(logits, mb, tp_group, temperature, "student_topk_ids")
+        lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature, ids_key="topk_ids")
+        s_tail = target_log_tail(logits, mb, tp_group, temperature, "topk_ids")
         loss, metrics = losses.reverse_kl_topk(lp, mb["teacher_logprobs_at_ids"], mask, norm.num_tokens, True,
                                                student_log_tail=s_tail, teacher_log_tail=mb["teacher_log_tail"])
         metrics.update(ent)
         return loss, metrics
 
     return objective
+
+
+# ----------------------------------------------------------------------------- loss descriptions (what a loop names)
+Objective = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+class Loss(Protocol):
+    """A training loss as a stage names it; the policy binds it (``objective``) to its TP group and normalisers."""
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The ``RolloutBatch`` fields the loss reads."""
+
+    def objective(self, tp_group, norm: Normalisers) -> Objective: ...
+
+
+_BASE_FIELDS = ("tokens", "lengths", "loss_mask")
+
+
+@dataclass(frozen=True)
+class PolicyGradientLoss:
+    """The clipped policy gradient of GRPO and OPD (``losses.clipped_pg_loss``) at the rollout temperature."""
+
+    temperature: float
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_agg: str = "token_mean"
+    kl_beta: float = 0.0
+    kl_clamp: float | None = 10.0
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return _BASE_FIELDS + ("old_logprobs", "advantages") + (("ref_logprobs",) if self.kl_beta else ())
+
+    def objective(self, tp_group, norm: Normalisers) -> Objective:
+        return policy_gradient(tp_group, norm, eps_low=self.eps_low, eps_high=self.eps_high,
+                               temperature=self.temperature, loss_agg=self.loss_agg, kl_beta=self.kl_beta,
+                               kl_clamp=self.kl_clamp)
+
+
+@dataclass(frozen=True)
+class ForwardKLLoss:
+    """Stage 2a: forward KL on teacher samples, sampled-token NLL or top-k + tail (``forward_kl``)."""
+
+    mode: str
+    temperature: float
+    tail: bool = True
+    teacher_tail_floor: float = 1e-6
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return _BASE_FIELDS + (("topk_ids", "topk_logprobs") if self.mode == "topk" else ())
+
+    def objective(self, tp_group, norm: Normalisers) -> Objective:
+        return forward_kl(tp_group, norm, mode=self.mode, temperature=self.temperature, tail=self.tail,
+                          teacher_tail_floor=self.teacher_tail_floor)
+
+
+@dataclass(frozen=True)
+class ReverseKLTopkLoss:
+    """Stage 2b top-k variant: reverse KL over the student's top-k ids plus the tail bucket (``reverse_kl_topk``)."""
+
+    temperature: float
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return _BASE_FIELDS + ("topk_ids", "teacher_logprobs_at_ids", "teacher_log_tail")
+
+    def objective(self, tp_group, norm: Normalisers) -> Objective:
+        return reverse_kl_topk(tp_group, norm, temperature=self.temperature)

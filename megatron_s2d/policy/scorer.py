@@ -20,70 +20,16 @@ so how rows are grouped into micro-batches does not matter): see tests/distribut
 
 from __future__ import annotations
 
-import bisect
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import InternalError
 from megatron_s2d.policy.batching import scatter_rows, slice_batch
+from megatron_s2d.policy.interface import ScoringMethods
 from megatron_s2d.runtime.exchange import exchange
-
-
-def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
-    """Cut ``weights`` into ``parts`` contiguous [lo, hi) ranges of about equal total weight (some may be empty).
-
-    Boundary k goes to whichever item edge lies nearer to k/parts of the running total, so each part's weight is
-    within one item of the ideal.
-    """
-    if parts < 1:
-        raise ValueError(f"balanced_split: parts must be >= 1, got {parts}")
-    cum = [0]
-    for w in weights:
-        cum.append(cum[-1] + w)
-    total = cum[-1]
-    bounds = [0]
-    for k in range(1, parts):
-        target = total * k / parts
-        i = bisect.bisect_left(cum, target)  # first edge with running total >= target
-        if i > 0 and (i == len(cum) or target - cum[i - 1] <= cum[i] - target):
-            i -= 1
-        bounds.append(min(max(bounds[-1], i), len(weights)))
-    bounds.append(len(weights))
-    return [(bounds[k], bounds[k + 1]) for k in range(parts)]
-
-
-@dataclass(frozen=True)
-class Routing:
-    """Who scores which rows (identical on every rank: computed from the all-gathered announcements)."""
-
-    source: dict[int, int]  # stage DP rank -> the global rank that sends its rows (the lowest holding them)
-    stage_dp_of: list[int]  # global rank -> its stage DP rank
-    pieces: list[list[tuple[int, int]]]  # replica -> [(stage DP rank, row index), ...] in global order
-
-    @staticmethod
-    def plan(announced: list[tuple], replicas: int, what: str = "scorer") -> "Routing":
-        """``announced[rank] = (stage_dp_rank, row weights, fingerprint)`` for every global rank; ranks of one stage
-        DP rank must announce the same weights and fingerprint (a checksum of their rows)."""
-        source: dict[int, int] = {}
-        seen: dict[int, tuple] = {}
-        for rank, (s, lens, *finger) in enumerate(announced):
-            if s not in source:
-                source[s], seen[s] = rank, (list(lens), finger)
-            elif seen[s] != (list(lens), finger):
-                raise S2DError(f"{what}: ranks {source[s]} and {rank} are both stage data-parallel rank {s} but hold "
-                               f"different rows; every rank of a data-parallel group must pass the same batch")
-        lengths = {s: v[0] for s, v in seen.items()}
-        rows = [(s, i) for s in sorted(source) for i in range(len(lengths[s]))]
-        weights = [lengths[s][i] for s, i in rows]
-        pieces = [rows[lo:hi] for lo, hi in balanced_split(weights, replicas)]
-        return Routing(source=source, stage_dp_of=[a[0] for a in announced], pieces=pieces)
-
-    def to_ranks(self, per_stage: dict) -> dict:
-        """``{stage DP rank: obj}`` -> ``{global rank: obj}``: every rank of that stage DP rank gets the object."""
-        return {dst: per_stage[s] for dst, s in enumerate(self.stage_dp_of) if s in per_stage}
+from megatron_s2d.runtime.routing import Routing
 
 
 def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -105,17 +51,15 @@ def _rows(batch: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Ten
     return {k: v.contiguous() for k, v in slice_batch(batch, idx, t).items()}
 
 
-class FrozenScorer:
-    """A frozen :class:`MegatronPolicy` (possibly in its own layout) that scores the calling rank's own rows.
-
-    Same ``forward_values(batch, objective, micro_batch_tokens)`` as the policy; ``tp_group`` is the scorer's, for
-    building its objectives.
-    """
+class FrozenScorer(ScoringMethods):
+    """A frozen :class:`MegatronPolicy` (possibly in its own layout) that scores the calling rank's own rows: the
+    ``Scorer`` interface (``logprobs``, ``logprobs_at``, ``topk``) over the routed ``forward_values``."""
 
     def __init__(self, model, stage_dp_rank: int):
         self.model = model
         self.groups = model.groups  # None: the job's own layout
         self.stage_dp_rank = stage_dp_rank
+        self.micro_batch_tokens = model.micro_batch_tokens
 
     @property
     def tp_group(self):
@@ -128,6 +72,10 @@ class FrozenScorer:
     @property
     def arch(self):
         return self.model.arch
+
+    @property
+    def pp_size(self) -> int:
+        return self.model.pp_size
 
     @property
     def own_layout(self) -> bool:
@@ -143,10 +91,7 @@ class FrozenScorer:
         dist.all_gather_object(announced, (self.stage_dp_rank, batch["lengths"].tolist(), finger))
         route = Routing.plan(announced, g.dp)
 
-        # 3. sources send each replica its rows (only the fields the objective reads, when it says which)
-        needed = getattr(objective, "inputs", None)
-        if needed is not None:
-            batch = {k: batch[k] for k in needed}
+        # 3. sources send each replica its rows (the scoring methods pass only the fields the objective reads)
         send = {}
         if route.source[self.stage_dp_rank] == me:
             for replica, piece in enumerate(route.pieces):
@@ -162,7 +107,8 @@ class FrozenScorer:
             parts = sorted(got.values(), key=lambda p: p[0])  # global order: by stage DP rank, rows ascending
             order = [(s, i) for s, idx, _ in parts for i in idx]
             if order != piece:
-                raise S2DError(f"scorer routing: replica {g.dp_rank} expected rows {piece[:4]}..., got {order[:4]}...")
+                raise InternalError(f"scorer routing: replica {g.dp_rank} expected rows {piece[:4]}..., got "
+                                    f"{order[:4]}...")
             keys = parts[0][2].keys()
             union = {k: (_pad_cat([p[2][k] for p in parts]) if parts[0][2][k].dim() >= 2
                          else torch.cat([p[2][k] for p in parts])) for k in keys}

@@ -98,7 +98,8 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:
         """Generate ``params.n`` samples for every prompt (token ids, no padding)."""
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Refit: load new policy weights (HF names, full tensors) in memory. No-op for the megatron sampler."""
+    def sync_weights(self, policy) -> dict[str, float]:
+        """Make the engine generate with ``policy``'s current weights (collective over the policy's ranks); returns
+        metrics (refit seconds, bytes). The megatron sampler reads the live weights: nothing to do."""
 
     def close(self) -> None: ...

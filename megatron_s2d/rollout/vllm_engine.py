@@ -65,7 +65,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import InternalError, S2DError
 from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams, generation_metrics, validate_request
 
 __all__ = ["S2DWorkerExtension", "VLLMEngine", "refit_chunks", "request_seed"]
@@ -339,13 +339,20 @@ class VLLMEngine:
         except Exception as e:
             self._rpc("s2d_finish_refit")  # leave the model usable; layers not reached keep their old weights
             self.llm.reset_prefix_cache()
-            raise S2DError(f"VLLMEngine.update_weights failed; the vLLM weights may be partly updated: {e}") from e
+            raise InternalError(f"VLLMEngine.update_weights failed; the vLLM weights may be partly updated: {e}") from e
         for worker_missing in self._rpc("s2d_finish_refit"):
             not_loaded.extend(worker_missing)
         self.llm.reset_prefix_cache()
         if not_loaded:
-            raise S2DError(f"VLLMEngine.update_weights: these vLLM parameters received no tensor (the refit must "
+            raise InternalError(f"VLLMEngine.update_weights: these vLLM parameters received no tensor (the refit must "
                            f"cover the whole model): {sorted(set(not_loaded))}")
+
+    def sync_weights(self, policy) -> dict[str, float]:
+        """Refit from the live ``policy`` (collective over its ranks: ``rollout.refit``); returns the refit's time."""
+        from megatron_s2d.rollout.refit import refit_from_policy
+
+        stats = refit_from_policy(self, policy.module, policy.arch)
+        return {"refit_s": stats.seconds, "refit_s_per_gb": stats.seconds_per_gb}
 
     def close(self) -> None:
         """Shut vLLM down (engine core, workers, its model-parallel groups); the engine is unusable afterwards."""

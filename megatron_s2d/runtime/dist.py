@@ -26,6 +26,9 @@ class DistInfo:
     tp: int
     pp: int
     dp: int
+    dp_rank: int
+    tp_rank: int
+    pp_rank: int
     backend: str
     device: torch.device
 
@@ -88,7 +91,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
         # groups left over from an earlier world (destroyed without destroy_model_parallel) are not reusable
         if (not created and parallel_state.get_tensor_model_parallel_world_size() == tp
                 and parallel_state.get_pipeline_model_parallel_world_size() == pp):
-            return _info(backend)
+            return dist_info(backend)
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
@@ -97,10 +100,12 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return _info(backend)
+    return dist_info(backend)
 
 
-def _info(backend: str) -> DistInfo:
+def dist_info(backend: str | None = None) -> DistInfo:
+    """This rank's place in the job's current layout (after :func:`init_distributed`)."""
+    backend = backend or torch.distributed.get_backend()
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
@@ -108,8 +113,32 @@ def _info(backend: str) -> DistInfo:
     world = torch.distributed.get_world_size()
     return DistInfo(
         rank=torch.distributed.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        tp=tp, pp=pp, dp=world // (tp * pp), backend=backend, device=device(),
+        tp=tp, pp=pp, dp=world // (tp * pp), dp_rank=ps.get_data_parallel_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(), backend=backend,
+        device=device(),
     )
+
+
+def data_parallel_group():
+    """The data-parallel process group of the job's layout (the trained model's)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def is_dp_writer() -> bool:
+    """One rank per data-parallel group (tensor- and pipeline-parallel rank 0): the one that writes what the group
+    holds in common (the other ranks hold identical data)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+
+def tensor_parallel_group():
+    """The tensor-parallel process group of the job's layout."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
 
 
 def shutdown() -> None:
@@ -123,3 +152,12 @@ def shutdown() -> None:
 
         clear_cache()
         torch.distributed.destroy_process_group()
+
+
+def all_ranks_agree(flag: bool, group=None) -> bool:
+    """True only if ``flag`` is true on every rank of ``group`` (default: the world). For branches that lead into
+    collectives: every rank must take the same one (e.g. "is the cache complete?" when some ranks crashed before
+    writing theirs)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+    return t.item() > 0

@@ -88,7 +88,7 @@ def save_train_checkpoint(policy, root: Path, step: int, trainer_state: dict, wr
         for sub in ("model", "optim", "rng"):
             (tmp / sub).mkdir(parents=True)
     _barrier()
-    from megatron_s2d.runtime.model_ckpt import sync_save_strategy
+    from megatron_s2d.checkpoint.model_ckpt import sync_save_strategy
 
     model_sd = policy.module.sharded_state_dict()
     optim_sd = {"optimizer": policy.optimizer.sharded_state_dict(model_sd)}
@@ -113,7 +113,7 @@ def load_train_checkpoint(policy, path: Path) -> dict:
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    from megatron_s2d.runtime.model_ckpt import load_model_checkpoint
+    from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
 
     load_model_checkpoint(policy.module, path)
     model_sd = policy.module.sharded_state_dict()

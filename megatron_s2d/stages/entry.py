@@ -1,12 +1,15 @@
 """One stage as one job: ``torchrun ... -m megatron_s2d.stages.entry --plan RUN/plan.resolved.yaml --stage NAME``.
 
 Also the pseudo-stage ``base_eval`` (evaluates the base teacher and student for the report).
-Exit codes: 0 done (or preempted after a clean checkpoint: SLURM requeues), 2 bad input (S2DError), 1 crash.
+Exit codes: 0 done (or preempted after a clean checkpoint and requeued), 75 preempted without requeue, 2 bad input
+(:class:`~megatron_s2d.errors.S2DError`, the message names the field/file and the fix), 1 anything else: our bug
+or a crash (:class:`~megatron_s2d.errors.InternalError` states the invariant that broke; a traceback is printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -25,53 +28,63 @@ def _quiet() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("S2D_THREADS", os.cpu_count() or 1))))
 
 
-def run_base_eval(plan_path: str) -> None:
-    from megatron_s2d.config import load_plan
-    from megatron_s2d.eval.runner import evaluate_policy
-    from megatron_s2d.pipeline.layout import BASE_EVAL, RunLayout
-    from megatron_s2d.runtime.dist import init_distributed
-
-    plan = load_plan(plan_path)
-    layout = RunLayout.of(plan.run_dir)
-    out = {}
-    for role in ("teacher", "student"):
-        # each base model is evaluated at its own layout (a 70B teacher at TP8 PP2, the student at TP1)
-        init_distributed(plan.models[role].tp, plan.models[role].pp, seed=plan.seed)
-        ctx = _BaseCtx(plan, role, layout)
-        out[f"{role}_base"] = evaluate_policy(ctx, ctx.model.module, ctx.arch, f"{role}_base")
-        del ctx
-    d = layout.stage(BASE_EVAL)
-    d.mkdir(parents=True, exist_ok=True)
+def run_base_eval(plan) -> None:
+    """avg@k of the base teacher and student, each at its own layout (a 70B teacher at TP8 PP2, a student at TP1)."""
     import torch
 
+    from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
+    from megatron_s2d.eval.runner import DataParallel
+    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.rollout.megatron_sampler import MegatronSampler
+    from megatron_s2d.runtime.dist import data_parallel_group, init_distributed
+    from megatron_s2d.checkpoint.assets import ModelAssets
+    from megatron_s2d.stages.job import plan_evaluator
+    from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
+
+    layout = RunLayout.of(plan.run_dir)
+    evaluator = plan_evaluator(plan)
+    out = {}
+    for role in ("teacher", "student"):
+        info = init_distributed(plan.models[role].tp, plan.models[role].pp, seed=plan.seed)
+        assets = ModelAssets.load(layout.base_model(role))
+        model = MegatronPolicy(assets.arch, plan.models[role], optim=None, seed=plan.seed, initialize=False)
+        load_model_checkpoint(model.module, assets.path)
+        engine = MegatronSampler(model.module, assets.arch, eos_token_ids=list(assets.stop_ids),
+                                 pad_token_id=assets.pad_id)
+        log = (lambda m: print(f"[base_eval] {m}", flush=True)) if info.is_main else None
+        results = evaluator.evaluate(engine, assets.tokenizer, assets.stop_ids, label=f"{role}_base", log=log,
+                                     dp=DataParallel(info.dp_rank, info.dp, data_parallel_group()),
+                                     show_progress=info.is_main)
+        out[f"{role}_base"] = {"label": f"{role}_base", "results": results}
+        del model, engine
     if torch.distributed.get_rank() == 0:
+        d = layout.stage(BASE_EVAL)
+        d.mkdir(parents=True, exist_ok=True)
         (d / "eval.json").write_text(json.dumps(out, indent=1))
         layout.complete_marker(BASE_EVAL).write_text("base models evaluated\n")
 
 
-class _BaseCtx:
-    """The few StageContext attributes ``evaluate_policy`` needs, for a base model."""
+def run_stage(plan, name: str) -> int:
+    """Run (or resume) one stage; returns the process exit code."""
+    from megatron_s2d.config.kinds import kind_of
+    from megatron_s2d.rewards.pool import get_pool
+    from megatron_s2d.runtime.preemption import PreemptionHandler
+    from megatron_s2d.stages.job import StageJob
+    from megatron_s2d.stages.layout import RunLayout
 
-    def __init__(self, plan, role, layout):
-        import torch
-        from transformers import AutoTokenizer
-
-        from megatron_s2d.policy.megatron_policy import MegatronPolicy
-        from megatron_s2d.runtime.dist import _info
-        from megatron_s2d.runtime.model_ckpt import load_model_checkpoint, read_model_meta
-        from megatron_s2d.stages.context import stop_token_ids
-
-        path = layout.base_model(role)
-        self.plan, self.arch = plan, read_model_meta(path)[0]
-        self.dist = _info(torch.distributed.get_backend())
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-        self.stop_ids = stop_token_ids(path, self.tokenizer)
-        self.model = MegatronPolicy(self.arch, plan.models[role], optim=None, seed=plan.seed, initialize=False)
-        load_model_checkpoint(self.model.module, path)
-
-    def log(self, msg: str) -> None:
-        if self.dist.is_main:
-            print(f"[base_eval] {msg}", flush=True)
+    if RunLayout.of(plan.run_dir).is_complete(name):  # e.g. re-submitted on SLURM: nothing to do
+        print(f"[{name}] already complete; skipping", flush=True)
+        return 0
+    handler = PreemptionHandler().install()
+    with handler.shield_children():  # reward workers must not die of the SIGUSR1 meant for us
+        get_pool().warm_up(2)
+    job = StageJob(plan, name, preemption=handler)
+    module, func = kind_of(job.stage).loop.split(":")
+    loop = getattr(importlib.import_module(module), func)
+    if loop(job):
+        return handler.finish(rank=job.dist.rank, distributed=True)
+    handler.uninstall()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,15 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", required=True)
     args = ap.parse_args(argv)
     _quiet()
+    from megatron_s2d.config import load_plan
     from megatron_s2d.errors import S2DError
-    from megatron_s2d.pipeline.layout import BASE_EVAL
     from megatron_s2d.runtime.dist import shutdown
+    from megatron_s2d.stages.layout import BASE_EVAL
 
     try:
+        plan = load_plan(args.plan)  # once per job
         if args.stage == BASE_EVAL:
-            run_base_eval(args.plan)
+            run_base_eval(plan)
         else:
-            return run_stage(args.plan, args.stage)
+            return run_stage(plan, args.stage)
     except S2DError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -97,31 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
         shutdown_pool()
         shutdown()
-    return 0
-
-
-def run_stage(plan_path: str, name: str) -> int:
-    """Run (or resume) one stage; returns the process exit code."""
-    from megatron_s2d.rewards.pool import get_pool
-    from megatron_s2d.runtime.preemption import PreemptionHandler
-    from megatron_s2d.stages import fkl_warmup, grpo, opd
-    from megatron_s2d.stages.context import StageContext
-
-    loops = {"teacher_rl": grpo.run, "student_rl": grpo.run, "fkl_warmup": fkl_warmup.run, "opd": opd.run}
-    from megatron_s2d.config import load_plan
-    from megatron_s2d.pipeline.layout import RunLayout
-
-    if RunLayout.of(load_plan(plan_path).run_dir).is_complete(name):  # e.g. re-submitted on SLURM: nothing to do
-        print(f"[{name}] already complete; skipping", flush=True)
-        return 0
-    handler = PreemptionHandler().install()
-    with handler.shield_children():  # reward workers must not die of the SIGUSR1 meant for us
-        get_pool().warm_up(2)
-    ctx = StageContext.from_args(plan_path, name)
-    ctx.shield_children = handler.shield_children
-    if loops[ctx.stage.kind](ctx, handler):
-        return handler.finish(rank=ctx.dist.rank, distributed=True)
-    handler.uninstall()
     return 0
 
 

@@ -5,70 +5,60 @@
         score      r in {0, 1} by math-verify against the gold answer              (labels consumed)
         advantages A_i = (r_i - mean_G r) / (std_G r + eps)   [Dr. GRPO: no std]   zero-variance groups counted
         train      clipped surrogate with clip-higher, optional k3 KL to the reference, token- or seq-mean
-        refit      push the new weights to the rollout engine (no-op for the megatron sampler)
+        sync       the rollout engine takes the new weights (nothing to do for the megatron sampler)
         checkpoint / log
-Deviation: with ``dynamic_sampling`` the zero-variance groups are dropped from the batch instead of re-sampling
-more prompts until the batch is full (DAPO's variant): the step trains on fewer sequences; the count is logged.
+Deviation: with ``grpo.dynamic_sampling`` the zero-variance groups are dropped from the batch instead of re-sampling
+more prompts until the batch is full (DAPO's variant): the step trains on fewer sequences (``trained_seqs``); a rank
+left with none still takes part in the update (``Policy.train``).
 """
 
 from __future__ import annotations
 
 import time
 
-import torch
-
 from megatron_s2d.losses import grpo_advantages
-from megatron_s2d.policy import objectives as O
-from megatron_s2d.stages import common as C
-from megatron_s2d.stages.batch import select_rows
+from megatron_s2d.policy.objectives import PolicyGradientLoss
+from megatron_s2d.rollout.batch import flatten, to_batch
+from megatron_s2d.stages.counters import StepCounters
+from megatron_s2d.stages.steps import mismatch_metrics, response_tokens, rollout_metrics, sparse_rewards
 
 
-def run(ctx, preemption=None) -> bool:
+def run(job) -> bool:
     """Returns True when preempted (a checkpoint was saved; the job should exit for requeue)."""
-    st, g = ctx.stage, ctx.stage.grpo
-    policy, state = ctx.build_policy()
-    ctx.truncate_metrics_log(state.step)
-    ref = ctx.build_scorer(st.init, ctx.role)[0] if g.kl_beta > 0 else None
-    engine = ctx.make_engine(policy)
-    n = st.samples_per_prompt
+    st, g = job.stage, job.stage.grpo
+    temp, n = st.rollout.temperature, st.samples_per_prompt
+    policy, state = job.load_policy()
+    reference = job.load_reference() if g.kl_beta > 0 else None
+    engine = job.make_engine(policy)
+    loss = PolicyGradientLoss(temperature=temp, eps_low=st.clip.eps_low, eps_high=st.clip.eps_high,
+                              loss_agg=g.loss_agg, kl_beta=g.kl_beta, kl_clamp=g.kl_clamp)
     for step in range(state.step, st.steps):
         t0 = time.perf_counter()
-        idx = ctx.dp_share(ctx.step_problems(step, st.prompts_per_step))
-        samples, gen_m = C.generate(ctx, engine, idx, C.sampling_params(ctx, step, n))
-        reward, rew_m = C.rewards(ctx, samples, idx, n)
-        adv = grpo_advantages(reward, n, scale_by_std=g.scale_by_std)
-        batch = C.to_batch(ctx, samples)
-        batch["advantages"] = adv.advantages
+        prompts = job.prompts.step(step, st.prompts_per_step)
+        generated = engine.generate(prompts.prompt_ids, job.sampling(prompts, n))
+        samples = flatten(generated)
+        rewards, reward_metrics = sparse_rewards(samples, prompts.answers, n, job.assets.decode)
+        adv = grpo_advantages(rewards, n, scale_by_std=g.scale_by_std)
+        batch = to_batch(samples, job.assets.pad_id)
         if g.overlong_filter:
-            keep = torch.tensor([s.finish_reason != "length" for s in samples], dtype=torch.float32)
-            batch["loss_mask"] = batch["loss_mask"] * keep[:, None]
-        rows = list(range(len(samples)))
-        if g.dynamic_sampling:
-            rows = [i for i in rows if not bool(adv.zero_variance_groups[i // n])]
-        lp = C.policy_logprobs(ctx, policy, batch, st.rollout.temperature)["logprobs"]
-        metrics = {**C.mismatch_metrics(batch, lp), **C.rollout_metrics(samples), **rew_m,
-                   "generate_tokens_per_s": gen_m["tokens_per_s"]}
-        batch["old_logprobs"] = lp
-        if ref is not None:
-            batch["ref_logprobs"] = C.policy_logprobs(ctx, ref, batch, st.rollout.temperature)["logprobs"]
-        tot = ctx.all_reduce_sum([float(reward.sum()), float(len(reward)), float(adv.num_zero_variance),
-                                  float(len(idx)), float(len(rows)),
-                                  float(sum(len(s.response_ids) for s in samples))])
-        metrics.update(reward_mean=tot[0] / tot[1], zero_variance_frac=tot[2] / tot[3], trained_seqs=tot[4])
-        if tot[4] == 0:
-            ctx.log(f"step {step + 1}: every group has zero reward variance; no update (no signal)")
-        # this rank's share may be empty (dynamic sampling drops groups per rank): train_updates still takes part
-        batch = select_rows(batch, rows) if len(rows) < len(samples) else batch
-        make = lambda norm: O.policy_gradient(
-            policy.tp_group, norm, eps_low=g.eps_low, eps_high=g.eps_high, loss_agg=g.loss_agg,
-            kl_beta=g.kl_beta, kl_clamp=g.kl_clamp, temperature=st.rollout.temperature)
-        metrics.update(C.train_updates(ctx, policy, batch, make))
-        C.refit(ctx, engine, policy)
-        led = state.ledger
-        led.prompts += int(tot[3])
-        led.generated_tokens += int(tot[5])
-        led.labels_consumed = min((step + 1) * st.prompts_per_step, len(ctx.problems))
-        if C.end_step(ctx, policy, state, step, metrics, t0, preemption):
+            keep = [float(s.finish_reason != "length") for s in samples]
+            batch = batch.with_(loss_mask=batch.loss_mask * batch.loss_mask.new_tensor(keep)[:, None])
+        old = policy.logprobs(batch, temp)
+        batch = batch.with_(old_logprobs=old, advantages=adv.advantages,
+                            ref_logprobs=reference.logprobs(batch, temp) if reference else None)
+        rows = [i for i in range(len(samples)) if not (g.dynamic_sampling and adv.zero_variance_groups[i // n])]
+        train_metrics = policy.train(batch.rows(rows), loss, st.updates_per_step)
+        sync_metrics = engine.sync_weights(policy)
+        counters = StepCounters(prompts=len(prompts.indices), sequences=len(samples),
+                                generated_tokens=response_tokens(samples), reward_sum=float(rewards.sum()),
+                                zero_variance_groups=adv.num_zero_variance, trained_sequences=len(rows),
+                                ).all_reduce(job.dp_group)
+        state.ledger.labels_consumed = job.prompts.distinct_until(step, st.prompts_per_step)
+        metrics = {**rollout_metrics(samples, generated.metrics), **mismatch_metrics(batch, old), **reward_metrics,
+                   **train_metrics, **sync_metrics, "reward_mean": counters.reward_sum / counters.sequences,
+                   "zero_variance_frac": counters.zero_variance_groups / counters.prompts,
+                   "trained_seqs": counters.trained_sequences}
+        if job.end_step(step, policy, state, counters, metrics, t0):
             return True
-    ctx.finish(policy, state)
+    job.finish(policy, state)
     return False

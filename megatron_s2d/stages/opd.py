@@ -3,12 +3,13 @@
     for step:
         generate   student samples y ~ pi_S for the step's prompts (no labels)
         score      the frozen teacher scores every sampled token: log pi_T(y_t | s_t)           (dense reward)
-        advantages a_t = log pi_T(y_t|s_t) - log pi_S(y_t|s_t)      (per-token sampled reverse KL, max-ent RL)
-                   [+ opd_task_reward_coef * A_i, A_i the GRPO advantage of the task reward r(x, y_i) within the
-                    prompt's samples, if set: then labels are consumed]
-        train      the same clipped policy-gradient machinery as GRPO, per-token advantages
-                   (opd_mode "topk": reverse KL over the student's top-k ids at each position, with the tail
-                   bucket, instead)
+        targets    mode "sampled": a_t = log pi_T(y_t|s_t) - log pi_S(y_t|s_t)  (sampled reverse KL, max-ent RL)
+                                   [+ task_reward_coef * A_i, A_i the GRPO advantage of the task reward r(x, y_i)
+                                    within the prompt's samples, if set: then labels are consumed]
+                   mode "topk":    the teacher's log-probs at the student's top-k ids and its mass outside them
+        train      sampled: the same clipped policy gradient as GRPO, per-token advantages;
+                   topk: the reverse KL over the student's top-k ids plus the tail bucket
+        sync       the rollout engine takes the new weights
         checkpoint / log
 Temperature: student and teacher are both compared at the rollout temperature T (``policy.objectives`` explains why:
 the optimum is then pi_S = pi_T for every T, the same student the forward-KL warmup aims at).
@@ -17,63 +18,93 @@ the optimum is then pi_S = pi_T for every T, the same student the forward-KL war
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from megatron_s2d.losses import opd_token_advantages
-from megatron_s2d.policy import objectives as O
-from megatron_s2d.stages import common as C
-from megatron_s2d.stages.batch import masked_mean
+from megatron_s2d.policy.batch import RolloutBatch
+from megatron_s2d.policy.objectives import PolicyGradientLoss, ReverseKLTopkLoss
+from megatron_s2d.rollout.batch import flatten, to_batch
+from megatron_s2d.stages.counters import StepCounters
+from megatron_s2d.stages.steps import mismatch_metrics, response_tokens, rollout_metrics, sparse_rewards
 
 
-def run(ctx, preemption=None) -> bool:
+@dataclass(frozen=True)
+class SampledOPD:
+    """The teacher's log-prob of each sampled token is the dense reward: per-token advantages, clipped PG."""
+
+    temperature: float
+    eps_low: float
+    eps_high: float
+    task_reward_coef: float
+    group_size: int
+    topk: int = 0  # the engine records no top-k
+
+    def loss(self):
+        return PolicyGradientLoss(temperature=self.temperature, eps_low=self.eps_low, eps_high=self.eps_high)
+
+    def targets(self, teacher, batch: RolloutBatch, task_reward) -> tuple[RolloutBatch, "object"]:
+        teacher_lp = teacher.logprobs(batch, self.temperature)
+        adv = opd_token_advantages(teacher_lp, batch.old_logprobs, batch.loss_mask, task_reward,
+                                   self.task_reward_coef, group_size=self.group_size)
+        return batch.with_(advantages=adv), teacher_lp
+
+
+@dataclass(frozen=True)
+class TopkOPD:
+    """Reverse KL over the student's top-k ids (recorded by its engine) plus the tail bucket."""
+
+    temperature: float
+    topk: int
+
+    def loss(self):
+        return ReverseKLTopkLoss(temperature=self.temperature)
+
+    def targets(self, teacher, batch: RolloutBatch, task_reward) -> tuple[RolloutBatch, "object"]:
+        scores = teacher.logprobs_at(batch, self.temperature, tail=True)
+        return batch.with_(teacher_logprobs_at_ids=scores.at_ids, teacher_log_tail=scores.log_tail), scores.logprobs
+
+
+def opd_mode(stage):
+    """The stage's distillation target, picked once before the loop."""
+    o, temp = stage.opd, stage.rollout.temperature
+    if o.mode == "topk":
+        return TopkOPD(temperature=temp, topk=o.topk)
+    return SampledOPD(temperature=temp, eps_low=stage.clip.eps_low, eps_high=stage.clip.eps_high,
+                      task_reward_coef=o.task_reward_coef, group_size=stage.samples_per_prompt)
+
+
+def run(job) -> bool:
     """Returns True when preempted (a checkpoint was saved; the job should exit for requeue)."""
-    st, d = ctx.stage, ctx.stage.distill
-    policy, state = ctx.build_policy()
-    ctx.truncate_metrics_log(state.step)
-    teacher, _ = ctx.build_scorer(st.teacher, "teacher")
-    engine = ctx.make_engine(policy)
-    n = st.samples_per_prompt
-    topk = d.topk if d.opd_mode == "topk" else 0
+    st, coef = job.stage, job.stage.opd.task_reward_coef
+    temp, n = st.rollout.temperature, st.samples_per_prompt
+    policy, state = job.load_policy()
+    teacher = job.load_teacher()
+    engine = job.make_engine(policy)
+    mode = opd_mode(st)
+    loss = mode.loss()
     for step in range(state.step, st.steps):
         t0 = time.perf_counter()
-        idx = ctx.dp_share(ctx.step_problems(step, st.prompts_per_step))
-        samples, gen_m = C.generate(ctx, engine, idx, C.sampling_params(ctx, step, n, topk=topk))
-        batch = C.to_batch(ctx, samples, topk=bool(topk))
-        temp = st.rollout.temperature
-        student_lp = C.policy_logprobs(ctx, policy, batch, temp)["logprobs"]
-        ids_key = None
-        if topk:
-            batch["student_topk_ids"] = batch.pop("topk_ids")
-            batch.pop("topk_logprobs")
-            ids_key = "student_topk_ids"
-        t_out = C.policy_logprobs(ctx, teacher, batch, temp, ids_key=ids_key, tail=bool(topk))
-        mask = batch["loss_mask"]
-        metrics = {**C.mismatch_metrics(batch, student_lp), **C.rollout_metrics(samples),
-                   "generate_tokens_per_s": gen_m["tokens_per_s"],
-                   "reverse_kl_mean": masked_mean(student_lp - t_out["logprobs"], mask),
-                   "teacher_logprob_mean": masked_mean(t_out["logprobs"], mask)}
-        task_reward = None
-        if d.opd_task_reward_coef:
-            task_reward, rew_m = C.rewards(ctx, samples, idx, n)
-            metrics.update(rew_m, reward_mean=float(task_reward.mean()))
-        batch["old_logprobs"] = student_lp
-        if topk:
-            batch["teacher_logprobs_at_ids"] = t_out["logprobs_at_ids"]
-            batch["teacher_log_tail"] = t_out["log_tail_at_ids"]
-            make = lambda norm: O.reverse_kl_topk(policy.tp_group, norm, temperature=temp)
-        else:
-            batch["advantages"] = opd_token_advantages(t_out["logprobs"], student_lp, mask, task_reward,
-                                                       d.opd_task_reward_coef, group_size=n)
-            make = lambda norm: O.policy_gradient(policy.tp_group, norm, eps_low=d.eps_low, eps_high=d.eps_high,
-                                                  temperature=temp)
-        metrics.update(C.train_updates(ctx, policy, batch, make))
-        C.refit(ctx, engine, policy)
-        tot = ctx.all_reduce_sum([float(len(idx)), float(sum(len(s.response_ids) for s in samples))])
-        state.ledger.prompts += int(tot[0])
-        state.ledger.generated_tokens += int(tot[1])
-        state.ledger.teacher_scored_tokens += int(tot[1])
-        if d.opd_task_reward_coef:
-            state.ledger.labels_consumed = min((step + 1) * st.prompts_per_step, len(ctx.problems))
-        if C.end_step(ctx, policy, state, step, metrics, t0, preemption):
+        prompts = job.prompts.step(step, st.prompts_per_step)
+        generated = engine.generate(prompts.prompt_ids, job.sampling(prompts, n, topk=mode.topk))
+        samples = flatten(generated)
+        batch = to_batch(samples, job.assets.pad_id)
+        old = policy.logprobs(batch, temp)
+        task_reward, reward_metrics = (sparse_rewards(samples, prompts.answers, n, job.assets.decode) if coef
+                                       else (None, {}))
+        batch, teacher_lp = mode.targets(teacher, batch.with_(old_logprobs=old), task_reward)
+        train_metrics = policy.train(batch, loss, st.updates_per_step)
+        sync_metrics = engine.sync_weights(policy)
+        tokens = response_tokens(samples)
+        counters = StepCounters(prompts=len(prompts.indices), sequences=len(samples), generated_tokens=tokens,
+                                teacher_scored_tokens=tokens, trained_sequences=len(samples),
+                                reward_sum=float(task_reward.sum()) if coef else 0.0).all_reduce(job.dp_group)
+        if coef:
+            state.ledger.labels_consumed = job.prompts.distinct_until(step, st.prompts_per_step)
+            reward_metrics["reward_mean"] = counters.reward_sum / counters.sequences
+        metrics = {**rollout_metrics(samples, generated.metrics), **mismatch_metrics(batch, old), **reward_metrics,
+                   **train_metrics, **sync_metrics, "reverse_kl_mean": batch.masked_mean(old - teacher_lp),
+                   "teacher_logprob_mean": batch.masked_mean(teacher_lp)}
+        if job.end_step(step, policy, state, counters, metrics, t0):
             return True
-    ctx.finish(policy, state)
+    job.finish(policy, state)
     return False

@@ -16,7 +16,7 @@ Every problem has a worked solution (`solution_text`) in the response format the
 non-negative integers written as strings.
 
 Everything is a pure function of a seed (`random.Random`, no global state). The shipped sets
-`megatron_s2d/toy/data/{train,test}.jsonl` are `generate_splits(SHIPPED_SEED)`; a unit test regenerates them and
+`megatron_s2d/data/shipped/toy_{train,test}.jsonl` (data sets the package ships: ``data.sources``) are `generate_splits(SHIPPED_SEED)`; a unit test regenerates them and
 compares, so they cannot drift from the generator. Content disjointness: no expression occurs in two of train /
 test / pre-training text, where `3 + 4` and `4 + 3` count as the same expression (`content_keys`).
 """
@@ -37,7 +37,7 @@ SOURCE = "toy-arith"
 LEVELS = (1, 2, 3, 4, 5)
 SHIPPED_SEED = 0
 SHIPPED_SIZES = {"train": 2000, "test": 200}
-DATA_DIR = Path(__file__).resolve().parent / "data"
+
 
 _TEMPLATES = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "Evaluate {e}.", "Find the value of {e}.")
 _PROMPT_RE = re.compile(r"^(?:What is|Compute|Calculate|Evaluate|Find the value of) (?P<e>[0-9 +\-*()]+)[?.]$")
@@ -267,7 +267,9 @@ def shipped_path(split: str) -> Path:
     """Path of a shipped split ('train' or 'test') inside the package."""
     if split not in SHIPPED_SIZES:
         raise S2DError(f"toy split must be one of {sorted(SHIPPED_SIZES)}, got {split!r}")
-    return DATA_DIR / f"{split}.jsonl"
+    from megatron_s2d.data.sources import SHIPPED_DIR
+
+    return SHIPPED_DIR / f"toy_{split}.jsonl"
 
 
 def load_shipped(split: str) -> list[Problem]:
@@ -275,12 +277,16 @@ def load_shipped(split: str) -> list[Problem]:
     return read_jsonl(shipped_path(split))
 
 
-def write_shipped(out_dir: Path = DATA_DIR) -> dict[str, Path]:
-    """Regenerate the shipped files (`python -m megatron_s2d.toy.problems`)."""
+def write_shipped(out_dir: Path | None = None) -> dict[str, Path]:
+    """Regenerate the shipped files (`python -m megatron_s2d.toy.problems`): into the package's shipped data sets,
+    or ``out_dir``."""
+    from megatron_s2d.data.sources import SHIPPED_DIR
+
+    out_dir = SHIPPED_DIR if out_dir is None else out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, problems in generate_splits().items():
-        paths[split] = out_dir / f"{split}.jsonl"
+        paths[split] = out_dir / f"toy_{split}.jsonl"
         write_jsonl(paths[split], problems)
     return paths
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.distributed
 def _load(ckpt, tp, pp):
     from megatron_s2d.models import ModelOptions, build_gpt_model
     from megatron_s2d.runtime.dist import init_distributed
-    from megatron_s2d.runtime.model_ckpt import load_model_checkpoint, read_model_meta
+    from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint, read_model_meta
 
     init_distributed(tp, pp)
     arch, _ = read_model_meta(ckpt)
@@ -36,7 +36,7 @@ def _check_all(rank: int, world_size: int, hf: dict, ckpts: dict, work: str) -> 
 
     from checkpoints_convert import convert_megatron_to_hf, verify_logits
     from checkpoints_convert.verify import megatron_logits
-    from megatron_s2d.runtime.model_ckpt import export_hf_state, save_model_checkpoint
+    from megatron_s2d.checkpoint.model_ckpt import export_hf_state, save_model_checkpoint
     from tests.unit.convert._tiny import assert_bit_exact, read_hf_tensors, tokens
 
     report = {}

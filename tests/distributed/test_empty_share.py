@@ -22,50 +22,36 @@ def _rows(n, t=12):
     mask = torch.zeros(n, t)
     for i in range(n):
         mask[i, 3:lengths[i]] = 1
-    return dict(tokens=tokens, lengths=lengths, loss_mask=mask, old_logprobs=torch.zeros(n, t),
-                advantages=torch.randn(n, generator=g))
+    from megatron_s2d.policy.batch import RolloutBatch
+
+    return RolloutBatch(tokens=tokens, lengths=lengths, loss_mask=mask, engine_logprobs=torch.zeros(n, t),
+                        old_logprobs=torch.zeros(n, t), advantages=torch.randn(n, generator=g))
 
 
 def _job(rank, world, keep_on_rank1: int, updates: int):
-    from types import SimpleNamespace
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from checkpoints_convert.mapping import hf_shapes
+    from megatron_s2d.models.state_dict import hf_shapes
     from megatron_s2d.config import ModelConfig, OptimConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
     from megatron_s2d.policy.megatron_policy import MegatronPolicy
-    from megatron_s2d.runtime.dist import comm_device, init_distributed
-    from megatron_s2d.runtime.model_ckpt import export_hf_state, load_hf_state
-    from megatron_s2d.stages.common import train_updates
+    from megatron_s2d.runtime.dist import init_distributed
+    from megatron_s2d.checkpoint.model_ckpt import export_hf_state, load_hf_state
 
     init_distributed(1, 1)
     arch = arch_from_hf_config(CFG)
     g = torch.Generator().manual_seed(1)
     init = {k: torch.randn(*s, generator=g) * 0.05 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    pol = MegatronPolicy(arch, ModelConfig(), OptimConfig(lr=1e-2, adam_eps=1e-2, grad_clip=0.0),
-                         total_updates=updates)
+    pol = MegatronPolicy(arch, ModelConfig(dtype="fp32"), OptimConfig(lr=1e-2, adam_eps=1e-2, grad_clip=0.0),
+                         total_updates=updates, micro_batch_tokens=64)
     load_hf_state(pol.module, arch, lambda n: init[n])
-    dp_group = ps.get_data_parallel_group()
-
-    def all_reduce_sum(values):
-        t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-        dist.all_reduce(t, group=dp_group)
-        return t.tolist()
-
-    ctx = SimpleNamespace(stage=SimpleNamespace(updates_per_step=updates, micro_batch_tokens=64),
-                          all_reduce_sum=all_reduce_sum)
     full = _rows(6)
     if world == 1:
         batch = full  # the reference: one process, the non-empty rank's rows
     else:
         rows = list(range(6)) if rank == 0 else list(range(keep_on_rank1))
-        batch = {k: v[rows] for k, v in (full if rank == 0 else _rows(6)).items()}
-    obj = lambda norm: O.policy_gradient(None, norm, eps_low=0.2, eps_high=0.2, temperature=1.0)  # noqa: E731
-    metrics = train_updates(ctx, pol, batch, obj)
+        batch = (full if rank == 0 else _rows(6)).rows(rows)
+    metrics = pol.train(batch, O.PolicyGradientLoss(temperature=1.0, eps_low=0.2, eps_high=0.2), updates)
     return {k: v.clone() for k, v in export_hf_state(pol.module, arch)}, metrics["updates"]
 
 

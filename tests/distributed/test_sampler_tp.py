@@ -79,11 +79,11 @@ def test_tp2_generation_equals_tp1():
 
 def _generate_pp1_then_pp2(rank: int, world_size: int, seed: int) -> dict:
     """Same HF-named weights loaded at PP=1 (as DP=2) and at PP=2 (tied embeddings: the last stage keeps a copy)."""
-    from checkpoints_convert.mapping import hf_shapes
+    from megatron_s2d.models.state_dict import hf_shapes
     from megatron_s2d.models import ModelOptions, arch_from_hf_config, build_gpt_model
     from megatron_s2d.rollout import MegatronSampler
     from megatron_s2d.runtime.dist import init_distributed
-    from megatron_s2d.runtime.model_ckpt import load_hf_state
+    from megatron_s2d.checkpoint.model_ckpt import load_hf_state
 
     arch = arch_from_hf_config(TINY)
     g = torch.Generator().manual_seed(4)

@@ -44,19 +44,19 @@ def _my_rows(dp_rank, dp):
 
 
 def _save(rank, world, path):
-    from checkpoints_convert.mapping import hf_shapes
+    from megatron_s2d.models.state_dict import hf_shapes
     from megatron_s2d.config import ModelConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy.megatron_policy import MegatronPolicy
     from megatron_s2d.runtime.dist import init_distributed
-    from megatron_s2d.runtime.model_ckpt import load_hf_state, save_model_checkpoint
+    from megatron_s2d.checkpoint.model_ckpt import load_hf_state, save_model_checkpoint
 
     init_distributed(1, 1)
     arch = arch_from_hf_config(CFG)
     g = torch.Generator().manual_seed(1)
     init = {k: torch.randn(*s, generator=g) * 0.3 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    pol = MegatronPolicy(arch, ModelConfig(), optim=None)
+    pol = MegatronPolicy(arch, ModelConfig(dtype="fp32"), optim=None)
     load_hf_state(pol.module, arch, lambda n: init[n])
     save_model_checkpoint(pol.module, path, arch, "fp32")
 
@@ -70,12 +70,12 @@ def _score(rank, world, path, student, teacher, topk=2):
     from megatron_s2d.policy.scorer import FrozenScorer
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.runtime.groups import model_groups
-    from megatron_s2d.runtime.model_ckpt import load_model_checkpoint, read_model_meta
+    from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint, read_model_meta
 
     init_distributed(*student)
     arch, _ = read_model_meta(path)
     groups = model_groups(*teacher)
-    model = MegatronPolicy(arch, ModelConfig(tp=teacher[0], pp=teacher[1]), optim=None, groups=groups,
+    model = MegatronPolicy(arch, ModelConfig(tp=teacher[0], pp=teacher[1], dtype="fp32"), optim=None, groups=groups,
                            initialize=False)
     load_model_checkpoint(model.module, path)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -88,7 +88,7 @@ def _score(rank, world, path, student, teacher, topk=2):
     obj = O.logprob_values(scorer.tp_group, 1.0, topk=topk, ids_key="student_topk_ids")
     out = scorer.forward_values(batch, obj, micro_batch_tokens=40)
     # the student's own model, on the global layout, still runs next to the teacher
-    student_model = MegatronPolicy(arch, ModelConfig(tp=student[0], pp=student[1]), optim=None)
+    student_model = MegatronPolicy(arch, ModelConfig(tp=student[0], pp=student[1], dtype="fp32"), optim=None)
     load_model_checkpoint(student_model.module, path)
     mine = student_model.forward_values(batch, O.logprob_values(ps.get_tensor_model_parallel_group(), 1.0), 40)
     return {"rows": rows, "out": out, "student": mine["logprobs"], "own_layout": scorer.own_layout,
@@ -142,18 +142,18 @@ def test_teacher_tp2_pp2_serves_four_student_ranks(ckpt):
 def _cache_agreement(rank, world, root):
     from pathlib import Path
 
-    from megatron_s2d.stages.fkl_warmup import _all_ranks_cached
+    from megatron_s2d.runtime.dist import all_ranks_agree
 
     mine = Path(root) / f"dp_rank_{rank:05d}.pt"
-    first = _all_ranks_cached(mine)  # nobody has a cache
+    first = all_ranks_agree(mine.is_file())  # nobody has a cache
     if rank == 0:
         mine.write_text("x")
     torch.distributed.barrier()
-    partial = _all_ranks_cached(mine)  # only rank 0 has one (a crash between the two saves)
+    partial = all_ranks_agree(mine.is_file())  # only rank 0 has one (a crash between the two saves)
     if rank == 1:
         mine.write_text("x")
     torch.distributed.barrier()
-    return first, partial, _all_ranks_cached(mine)
+    return first, partial, all_ranks_agree(mine.is_file())
 
 
 def test_teacher_cache_is_used_only_when_every_rank_has_it(tmp_path):

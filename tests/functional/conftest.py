@@ -51,16 +51,17 @@ def mini_world(tmp_path_factory) -> Path:
 def mini_plan(world: Path, run_dir: Path, stages: list[dict] | None = None, **extra) -> dict:
     plan = {
         "name": "mini", "run_dir": str(run_dir), "seed": 7,
-        "models": {"teacher": {"hf": str(world / "teacher")}, "student": {"hf": str(world / "student")}},
+        "models": {"teacher": {"hf": str(world / "teacher"), "dtype": "fp32"},
+                   "student": {"hf": str(world / "student"), "dtype": "fp32"}},
         "data": {"pool": str(world / "train.jsonl"),
                  "eval": [{"name": "mini-test", "source": str(world / "test.jsonl"), "limit": 4}]},
         "eval": {"k": 2, "max_new_tokens": 8},
         "stage_defaults": {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "micro_batch_tokens": 512,
-                           "rollout": {"max_new_tokens": 8}, "optim": {"lr": 1.0e-3}},
+                           "rollout": {"engine": "megatron", "max_new_tokens": 8}, "optim": {"lr": 1.0e-3}},
         "stages": stages or [
             {"name": "teacher_rl", "kind": "teacher_rl", "split": "1H"},
             {"name": "fkl", "kind": "fkl_warmup", "teacher": "teacher_rl", "split": "1H",
-             "distill": {"topk": 4, "teacher_samples_per_prompt": 2}},
+             "warmup": {"topk": 4, "teacher_samples_per_prompt": 2}},
             {"name": "opd", "kind": "opd", "init": "fkl", "teacher": "teacher_rl", "split": "1H"},
             {"name": "student_rl", "kind": "student_rl", "init": "opd", "split": "2H"},
         ],

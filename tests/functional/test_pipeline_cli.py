@@ -23,7 +23,7 @@ def test_plan_end_to_end_lineage_report_and_rerun(mini_world, tmp_path):
     stages = [
         {"name": "teacher_rl", "kind": "teacher_rl", "split": "1H"},
         {"name": "fkl", "kind": "fkl_warmup", "teacher": "teacher_rl", "split": "1H",
-         "distill": {"topk": 4, "teacher_samples_per_prompt": 2}},
+         "warmup": {"topk": 4, "teacher_samples_per_prompt": 2}},
         {"name": "opd", "kind": "opd", "init": "fkl", "teacher": "teacher_rl", "split": "1H"},
         {"name": "student_rl", "kind": "student_rl", "init": "opd", "split": "2H"},
         {"name": "cold_grpo", "kind": "student_rl", "split": "2H", "control": "cold_grpo"},
@@ -65,7 +65,7 @@ def test_plan_end_to_end_lineage_report_and_rerun(mini_world, tmp_path):
 def _final_weights(ckpt: Path, out: Path) -> dict:
     from safetensors.torch import load_file
 
-    from checkpoints_convert.megatron_to_hf import convert_megatron_to_hf
+    from megatron_s2d.checkpoint.megatron_to_hf import convert_megatron_to_hf
 
     convert_megatron_to_hf(ckpt, out)
     tensors = {}

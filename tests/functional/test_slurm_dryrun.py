@@ -10,12 +10,11 @@ import pytest
 
 from megatron_s2d.config import load_plan
 from megatron_s2d.config.validate import topo_order
-from megatron_s2d.launch.dry_run import REPO_ROOT
-from megatron_s2d.launch.dry_run import dry_run
-from megatron_s2d.launch.experiment import launch_plan
+from megatron_s2d.launch.experiment import dry_run, launch_plan
 
 pytestmark = pytest.mark.functional
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (REPO_ROOT / "run_configs").glob("*.yaml") if not p.name.startswith("base_"))
 PROFILES = [REPO_ROOT / "slurm" / "cluster_example.yaml"]
 

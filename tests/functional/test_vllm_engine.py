@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import InternalError, S2DError
 from megatron_s2d.policy.logprobs import token_logprobs, topk_logprobs
 from megatron_s2d.rollout.base import SamplingParams
 from megatron_s2d.rollout.mismatch import logprob_mismatch
@@ -85,7 +85,7 @@ def _save_hf_model(out_dir) -> None:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """(HF folder, megatron checkpoint converted from it)."""
-    from checkpoints_convert.hf_to_megatron import convert_hf_to_megatron
+    from megatron_s2d.checkpoint.hf_to_megatron import convert_hf_to_megatron
 
     _require_vllm()
     root = tmp_path_factory.mktemp("vllm_engine")
@@ -101,7 +101,7 @@ def world(folders):
     from megatron_s2d.models import ModelOptions, build_gpt_model, load_arch
     from megatron_s2d.rollout.vllm_engine import VLLMEngine
     from megatron_s2d.runtime.dist import init_distributed
-    from megatron_s2d.runtime.model_ckpt import load_model_checkpoint
+    from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
 
     hf_dir, ckpt = folders
     init_distributed(1, 1)
@@ -230,9 +230,9 @@ def test_refit_follows_the_policy(world):
         old_lp = [s.logprobs for g_ in before.samples for s in g_]
         new_lp = [s.logprobs for g_ in after.samples for s in g_]
         assert old_lp != new_lp
-        with pytest.raises(S2DError, match="received no tensor"):  # a partial refit is refused
+        with pytest.raises(InternalError, match="received no tensor"):  # a partial refit is refused
             engine.update_weights([("model.norm.weight", torch.ones(arch.hidden_size))])
-        with pytest.raises(S2DError, match="partly updated"):  # an unknown name is refused
+        with pytest.raises(InternalError, match="partly updated"):  # an unknown name is refused
             engine.update_weights([("model.not_a_weight", torch.ones(3))])
     finally:
         with torch.no_grad():
@@ -297,7 +297,7 @@ def _multirank_main(hf_dir: str, ckpt: str) -> None:
     from megatron_s2d.models import ModelOptions, build_gpt_model, load_arch
     from megatron_s2d.rollout.vllm_engine import VLLMEngine
     from megatron_s2d.runtime.dist import init_distributed
-    from megatron_s2d.runtime.model_ckpt import load_model_checkpoint
+    from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
 
     info = init_distributed(2, 1)
     arch = load_arch(hf_dir)

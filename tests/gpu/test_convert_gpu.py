@@ -43,7 +43,7 @@ def test_te_bf16_conversion(kind, dist_one, tmp_path):
     from checkpoints_convert import convert_hf_to_megatron, convert_megatron_to_hf, verify_logits
     from checkpoints_convert.verify import logit_stats, megatron_logits
     from megatron_s2d.models import ModelOptions, build_gpt_model
-    from megatron_s2d.runtime import model_ckpt
+    from megatron_s2d.checkpoint import model_ckpt
     from tests.unit.convert._tiny import assert_bit_exact, make_hf_model, read_hf_tensors, tokens
 
     hf = make_hf_model(kind, tmp_path / "hf", sharded=kind == "llama", dtype=torch.bfloat16)

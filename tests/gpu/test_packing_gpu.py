@@ -22,13 +22,13 @@ CFG = dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_siz
 
 def test_thd_packed_equals_padded_with_te():
     pytest.importorskip("transformer_engine", reason="needs Transformer Engine (the `gpu` extra)")
-    from checkpoints_convert.mapping import hf_shapes
+    from megatron_s2d.models.state_dict import hf_shapes
     from megatron_s2d.config import ModelConfig, OptimConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
     from megatron_s2d.policy.megatron_policy import MegatronPolicy
     from megatron_s2d.runtime.dist import init_distributed
-    from megatron_s2d.runtime.model_ckpt import load_hf_state
+    from megatron_s2d.checkpoint.model_ckpt import load_hf_state
 
     init_distributed(1, 1)
     arch = arch_from_hf_config(CFG)
@@ -45,7 +45,7 @@ def test_thd_packed_equals_padded_with_te():
     batch = dict(tokens=tokens, lengths=lengths, loss_mask=mask)
     out = {}
     for pack in (False, True):
-        pol = MegatronPolicy(arch, ModelConfig(use_te="yes", pack_sequences=pack),
+        pol = MegatronPolicy(arch, ModelConfig(use_te="yes", pack_sequences=pack, dtype="fp32"),
                              OptimConfig(lr=1e-3, adam_eps=1e-2, grad_clip=0.0))
         assert pol.uses_te and pol.pack_sequences == pack
         load_hf_state(pol.module, arch, lambda k: init[k].cuda())

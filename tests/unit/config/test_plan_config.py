@@ -54,7 +54,7 @@ def test_base_inheritance(tmp_path):
 
 
 @pytest.mark.parametrize("data,match", [
-    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "nope", "split": "1H"}]), r"stages\[4\]\.kind"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "nope", "split": "1H"}]), r"stages\.x\.kind = 'nope'"),
     (_with(stages=[{"name": "a", "kind": "student_rl", "init": "b", "split": "1H"},
                    {"name": "b", "kind": "student_rl", "init": "a", "split": "2H"}]), "cycle: a -> b -> a|cycle: b -> a -> b"),
     (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "init": "ghost", "split": "2H"}]),
@@ -70,6 +70,9 @@ def test_base_inheritance(tmp_path):
     (_with(models={"teacher": {"hf": "/x", "tp": 3}, "student": {"hf": "/y"}}), "does not divide the world size"),
     (_with(eval={"k": "many"}), r"eval\.k: expected an integer"),
     (_with(surprise=1), r"unknown key\(s\) \['surprise'\]"),
+    # per-kind configs: a key of another kind is refused, naming the stage and what the kind allows
+    (_with(stages=[dict(BASE["stages"][0], warmup={"topk": 4})]), r"stages.t_rl: unknown key\(s\) \['warmup'\]"),
+    (_with(stage_defaults={"bogus": 1}), r"stage_defaults: key\(s\) \['bogus'\] belong to no stage kind"),
 ])
 def test_bad_plans_fail_with_named_field(tmp_path, data, match):
     with pytest.raises(S2DError, match=match):
@@ -85,7 +88,7 @@ def test_replay_allows_label_reuse(tmp_path):
 
 def test_opd_with_task_reward_consumes_labels(tmp_path):
     stages = [dict(s) for s in BASE["stages"]]
-    stages[2]["distill"] = {"opd_task_reward_coef": 0.5}
+    stages[2]["opd"] = {"task_reward_coef": 0.5}
     stages[2]["split"] = "2H"
     stages[3]["split"] = "2H"
     with pytest.raises(S2DError, match="already consumed by ancestor stage 'opd'"):

@@ -35,11 +35,11 @@ def test_warmup_rows_are_teacher_samples_not_samples_per_prompt(tmp_path):
     d = copy.deepcopy(BASE)
     # 4 prompts x 1 teacher sample = 4 rows, 8 updates: would have trained on nothing; samples_per_prompt (2) and
     # the old check (prompts x samples_per_prompt % updates == 0: 4 x 2 % 8 == 0) said nothing
-    d["stages"][1].update(distill={"teacher_samples_per_prompt": 1}, updates_per_step=8)
+    d["stages"][1].update(warmup={"teacher_samples_per_prompt": 1}, updates_per_step=8)
     with pytest.raises(S2DError, match=r"stages.fkl.updates_per_step = 8 exceeds the 4 sequences .*"
-                                       r"distill.teacher_samples_per_prompt"):
+                                       r"warmup.teacher_samples_per_prompt"):
         load_plan(_write(tmp_path, d))
-    d["stages"][1]["distill"]["teacher_samples_per_prompt"] = 2
+    d["stages"][1]["warmup"]["teacher_samples_per_prompt"] = 2
     load_plan(_write(tmp_path, d))  # 8 rows, 8 updates: fine
 
 
@@ -57,15 +57,29 @@ def test_greedy_temperature_is_refused_for_every_training_stage(tmp_path, kind_i
         load_plan(_write(tmp_path, d), [f"stages.{name}.rollout.temperature=0"])
 
 
-def test_topk_reverse_kl_without_tail_is_refused(tmp_path):
-    with pytest.raises(S2DError, match=r"stages.opd.distill.tail = false with opd_mode = 'topk'"):
-        load_plan(_write(tmp_path, BASE), ["stages.opd.distill.opd_mode=topk", "stages.opd.distill.tail=false"])
-    load_plan(_write(tmp_path, BASE), ["stages.fkl.distill.tail=false"])  # forward top-k without tail is a CE
+def test_topk_reverse_kl_has_no_tail_switch(tmp_path):
+    """The top-k reverse KL without its tail bucket pushes mass out of the top-k: OPD has no switch for it (the loss
+    function refuses tail=False too); the forward top-k KL keeps its switch (without the tail it is a CE)."""
+    with pytest.raises(S2DError, match=r"stages.opd.opd: unknown key\(s\) \['tail'\]"):
+        load_plan(_write(tmp_path, BASE), ["stages.opd.opd.mode=topk", "stages.opd.opd.tail=false"])
+    load_plan(_write(tmp_path, BASE), ["stages.fkl.warmup.tail=false"])
 
 
 def test_opd_clip_range_is_validated(tmp_path):
-    with pytest.raises(S2DError, match=r"stages.opd.distill: eps_low must be in \[0, 1\)"):
-        load_plan(_write(tmp_path, BASE), ["stages.opd.distill.eps_low=1.5"])
+    with pytest.raises(S2DError, match=r"stages.opd.clip: eps_low must be in \[0, 1\)"):
+        load_plan(_write(tmp_path, BASE), ["stages.opd.clip.eps_low=1.5"])
+
+
+def test_old_keys_say_what_to_write(tmp_path):
+    cases = [("stages.fkl.distill.fkl_mode=sampled", r"stages.fkl.distill was renamed: write warmup: \{mode"),
+             ("stages.opd.distill.opd_mode=topk", r"stages.opd.distill was renamed: write opd: \{mode"),
+             ("stages.t_rl.grpo.eps_low=0.1", r"grpo.eps_low was renamed: write the stage's clip"),
+             ("stages.fkl.samples_per_prompt=3", r"stages.fkl.samples_per_prompt was renamed: write "
+                                                 r"warmup.teacher_samples_per_prompt"),
+             ("stages.opd.rollout.logprob_topk=3", r"rollout.logprob_topk was renamed: write nothing")]
+    for override, match in cases:
+        with pytest.raises(S2DError, match=match):
+            load_plan(_write(tmp_path, BASE), [override])
 
 
 def test_renamed_key_says_what_to_write(tmp_path):

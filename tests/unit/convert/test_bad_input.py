@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints_convert import convert_hf_to_megatron, convert_megatron_to_hf, main, verify_logits
-from checkpoints_convert.hf_io import HFWeights
+from megatron_s2d.checkpoint.hf_io import HFWeights
 from megatron_s2d.errors import S2DError
 from tests.unit.convert._tiny import read_hf_tensors
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints_convert.hf_io import HFWeights, ShardedSafetensorsWriter, parse_size, sort_hf_files
+from megatron_s2d.checkpoint.hf_io import HFWeights, ShardedSafetensorsWriter, parse_size, sort_hf_files
 from megatron_s2d.errors import S2DError
 
 

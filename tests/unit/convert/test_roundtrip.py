@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from checkpoints_convert import convert_hf_to_megatron, convert_megatron_to_hf, verify_logits
-from megatron_s2d.runtime import model_ckpt
+from megatron_s2d.checkpoint import model_ckpt
 from tests.unit.convert._tiny import KINDS, TOKENIZER_FILES, assert_bit_exact, hf_logits, read_hf_tensors, tokens
 
 

@@ -1,12 +1,16 @@
 """Dry-run validation: layouts that do not divide the model or the world, DP splits, memory budget, config lookup,
 and job selection (skipping complete stages, refusing missing parents)."""
 
+from pathlib import Path
+
 import pytest
 
 from megatron_s2d.errors import S2DError
-from megatron_s2d.launch.dry_run import HF_CONFIGS_DIR, REPO_ROOT, check_jobs, resolve_arch
+from megatron_s2d.launch.checks import HF_CONFIGS_DIR, check_jobs, resolve_arch
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 from megatron_s2d.launch.jobs import plan_jobs
-from megatron_s2d.pipeline.layout import RunLayout
+from megatron_s2d.stages.layout import RunLayout
 from tests.unit.launch._plans import load, two_stage_plan, write_hf
 
 

@@ -3,7 +3,7 @@ vocab 32000, untied)."""
 
 import pytest
 
-from megatron_s2d.config import StageConfig
+from megatron_s2d.config import GRPOStageConfig
 from megatron_s2d.launch.memory import GIB, OVERHEAD_GIB, estimate_stage_memory, params_on_heaviest_stage
 from megatron_s2d.models.arch import load_arch
 from tests.unit.launch._plans import load, two_stage_plan, write_hf
@@ -32,7 +32,7 @@ def test_param_count_and_stage_split(setup):
 def test_student_rl_terms_by_hand(setup):
     tmp, hf, arch = setup
     plan = load(tmp, two_stage_plan(tmp, hf, hf))
-    stage = StageConfig(name="srl", kind="student_rl", split="2H", micro_batch_tokens=1000, eval=False)
+    stage = GRPOStageConfig(name="srl", kind="student_rl", split="2H", micro_batch_tokens=1000, eval=False)
     stage.rollout.max_new_tokens = 100
     p = TOTAL / 2  # tp=2
     est = estimate_stage_memory(plan, stage, {"teacher": arch, "student": arch}, dp=4)

@@ -5,7 +5,9 @@ import re
 
 import pytest
 
-from megatron_s2d.launch.experiment import build_experiment
+import io
+
+from megatron_s2d.launch.experiment import launch_plan
 from tests.unit.launch._plans import load, two_stage_plan, write_hf
 
 
@@ -18,7 +20,8 @@ def rendered(tmp_path_factory):
         "launch.slurm.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
         "launch.slurm.container_mounts=[/lustre:/lustre, /scratch:/scratch]",
         "launch.slurm.env={NCCL_DEBUG: WARN, PYTHONPATH: /lustre/code}", "launch.slurm.signal_seconds_before_end=420"])
-    planned = build_experiment(plan, str(tmp / "run" / "plan.resolved.yaml"), executor="slurm", dry_run=True)
+    planned = launch_plan(plan, str(tmp / "run" / "plan.resolved.yaml"), executor="slurm", dry_run=True,
+                          out=io.StringIO())
     return plan, planned, {name: open(path).read() for name, path in planned.scripts.items()}
 
 
@@ -56,4 +59,4 @@ def test_first_stage_and_report(rendered):
     r = scripts["report"]
     assert "#SBATCH --dependency='afterok:<teacher_rl>:<opd>'" in r
     assert "#SBATCH --nodes=1\n" in r and "--gpus-per-node" not in r and "--signal" not in r
-    assert f"python -m megatron_s2d.pipeline.report_entry --run-dir {plan.run_dir}" in r
+    assert f"python -m megatron_s2d.run.report_entry --run-dir {plan.run_dir}" in r

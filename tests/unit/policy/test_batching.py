@@ -88,4 +88,4 @@ def test_packing_with_fp8_is_refused_before_building():
     arch = arch_from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     with pytest.raises(S2DError, match="pack_sequences with model.fp8"):
-        MegatronPolicy(arch, ModelConfig(pack_sequences=True, fp8="delayed"))
+        MegatronPolicy(arch, ModelConfig(dtype="fp32", pack_sequences=True, fp8="delayed"))

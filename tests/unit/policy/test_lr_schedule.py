@@ -25,20 +25,17 @@ def expected_lr(u: int, lr: float, min_lr: float, warmup: int, total: int, sched
 
 
 def _job(rank, world, schedule, steps, updates, warmup, skip_at):
-    from types import SimpleNamespace
-
     from megatron_s2d.config import ModelConfig, OptimConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
+    from megatron_s2d.policy.batch import RolloutBatch
     from megatron_s2d.policy.megatron_policy import MegatronPolicy
     from megatron_s2d.runtime.dist import init_distributed
-    from megatron_s2d.stages.common import train_updates
 
     init_distributed(1, 1)
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_updates=warmup, schedule=schedule)
-    pol = MegatronPolicy(arch_from_hf_config(CFG), ModelConfig(), optim, total_updates=steps * updates)
-    ctx = SimpleNamespace(stage=SimpleNamespace(updates_per_step=updates, micro_batch_tokens=256),
-                          all_reduce_sum=lambda v: list(map(float, v)))
+    pol = MegatronPolicy(arch_from_hf_config(CFG), ModelConfig(dtype="fp32"), optim, total_updates=steps * updates,
+                         micro_batch_tokens=256)
     n, t = 2 * updates, 10
     g = torch.Generator().manual_seed(0)
     seen = []
@@ -48,8 +45,9 @@ def _job(rank, world, schedule, steps, updates, warmup, skip_at):
         mask[:, 0] = 0
         if step == skip_at:
             mask.zero_()  # no loss token anywhere this step: every update is skipped, the schedule advances
-        batch = dict(tokens=tokens, lengths=torch.full((n,), t), loss_mask=mask, old_logprobs=torch.zeros(n, t),
-                     advantages=torch.randn(n, generator=g))
+        batch = RolloutBatch(tokens=tokens, lengths=torch.full((n,), t), loss_mask=mask,
+                             engine_logprobs=torch.zeros(n, t), old_logprobs=torch.zeros(n, t),
+                             advantages=torch.randn(n, generator=g))
         lrs = []
         orig = pol.train_step
 
@@ -59,8 +57,7 @@ def _job(rank, world, schedule, steps, updates, warmup, skip_at):
             return res
 
         pol.train_step = spy
-        out = train_updates(ctx, pol, batch, lambda norm: O.policy_gradient(None, norm, eps_low=0.2, eps_high=0.2,
-                                                                             temperature=1.0))
+        out = pol.train(batch, O.PolicyGradientLoss(temperature=1.0, eps_low=0.2, eps_high=0.2), updates)
         pol.train_step = orig
         seen.append((lrs, out["updates"]))
     return seen

@@ -53,8 +53,8 @@ def test_sampled_opd_identical_student_has_zero_advantage_and_gradient(temperatu
 def test_topk_opd_identical_student_has_zero_loss_and_gradient(temperature):
     mb, z = _batch(), _logits()
     _, ids = topk_logprobs(z, K, temperature=temperature)  # the student's top-k at each logit position
-    mb["student_topk_ids"] = O.shifted(ids[:, :-1])  # stored at the predicted position, as samples_to_batch does
-    t_out = O.logprob_values(None, temperature, ids_key="student_topk_ids", tail=True)(z, mb)[1]
+    mb["topk_ids"] = O.shifted(ids[:, :-1])  # stored at the predicted position, as samples_to_batch does
+    t_out = O.logprob_values(None, temperature, ids_key="topk_ids", tail=True)(z, mb)[1]
     mb.update(teacher_logprobs_at_ids=t_out["logprobs_at_ids"], teacher_log_tail=t_out["log_tail_at_ids"])
     loss, grad = _grad(O.reverse_kl_topk(None, _norm(mb), temperature=temperature), z, mb)
     assert abs(loss.item()) < 1e-12 and grad.abs().max() < 1e-12
@@ -64,7 +64,7 @@ def test_topk_opd_identical_student_has_zero_loss_and_gradient(temperature):
 def test_topk_forward_kl_identical_student_has_zero_loss_and_gradient(temperature):
     mb, z = _batch(), _logits()
     vals, ids = topk_logprobs(z, K, temperature=temperature)  # what the teacher's engine caches, at T
-    mb.update(teacher_topk_ids=O.shifted(ids[:, :-1]), teacher_topk_logprobs=O.shifted(vals[:, :-1]))
+    mb.update(topk_ids=O.shifted(ids[:, :-1]), topk_logprobs=O.shifted(vals[:, :-1]))
     loss, grad = _grad(O.forward_kl(None, _norm(mb), mode="topk", temperature=temperature), z, mb)
     assert abs(loss.item()) < 1e-6 and grad.abs().max() < 1e-6
 

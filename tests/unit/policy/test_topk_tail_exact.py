@@ -37,8 +37,8 @@ def test_collapsed_student_tail_gets_the_exact_gradient():
     # student: almost all mass on the teacher's top-k ids (tail ~1e-12, below the old floor of 1e-6)
     logits.scatter_add_(-1, torch.roll(ids, -1, dims=1), torch.full((1, T_LEN, K), 20.0, dtype=torch.float64))
     teacher_lp = torch.log_softmax(torch.randn(1, T_LEN, K) * 0.3, -1) + torch.log(torch.tensor(0.8))  # tail 0.2
-    mb = _mb("teacher_topk_ids", ids)
-    mb["teacher_topk_logprobs"] = teacher_lp
+    mb = _mb("topk_ids", ids)
+    mb["topk_logprobs"] = teacher_lp
 
     z = logits.float().requires_grad_(True)
     loss, _ = O.forward_kl(None, O.Normalisers(T_LEN - 1, 1), mode="topk", temperature=temperature)(z, mb)
@@ -74,8 +74,8 @@ def test_reverse_topk_objective_uses_both_exact_tails():
     student = torch.randn(1, T_LEN, V, dtype=torch.float64)
     teacher = torch.randn(1, T_LEN, V, dtype=torch.float64)
     ids = torch.log_softmax(student, -1).topk(K, dim=-1).indices  # the student's top-k at each logit position
-    mb = _mb("student_topk_ids", torch.roll(ids, 1, dims=1))  # stored at the predicted position
-    t_out = O.logprob_values(None, temperature, ids_key="student_topk_ids", tail=True)(teacher, mb)[1]
+    mb = _mb("topk_ids", torch.roll(ids, 1, dims=1))  # stored at the predicted position
+    t_out = O.logprob_values(None, temperature, ids_key="topk_ids", tail=True)(teacher, mb)[1]
     mb["teacher_logprobs_at_ids"], mb["teacher_log_tail"] = t_out["logprobs_at_ids"], t_out["log_tail_at_ids"]
     z = student.clone().requires_grad_(True)
     loss, m = O.reverse_kl_topk(None, O.Normalisers(T_LEN - 1, 1), temperature=temperature)(z, mb)

@@ -1,4 +1,4 @@
-"""Llama-3.x specifics: the HF ``config.json`` regenerated from an :class:`ArchSpec` (tensor names live in mapping.py).
+"""Llama-3.x specifics: the HF ``config.json`` regenerated from an :class:`ArchSpec` (tensor names: state_dict.py).
 
 Llama and Qwen3 dense share every tensor name and layout; they differ only in q/k-norm (Qwen3), the default for
 tied embeddings and RoPE scaling, all of which the ArchSpec carries. The config is built through transformers' own

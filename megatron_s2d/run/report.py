@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from megatron_s2d.errors import S2DError
-from megatron_s2d.pipeline.layout import BASE_EVAL, RunLayout
+from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
 
 
 def _read_json(path: Path):
@@ -132,7 +132,7 @@ def write_report(run_dir: str | Path) -> tuple[str, list[Path]]:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="megatron_s2d.pipeline.report")
+    ap = argparse.ArgumentParser(prog="megatron_s2d.run.report")
     ap.add_argument("--run-dir", required=True)
     args = ap.parse_args(argv)
     md, plots = write_report(args.run_dir)

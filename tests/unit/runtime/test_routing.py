@@ -2,8 +2,8 @@
 
 import pytest
 
-from megatron_s2d.errors import S2DError
-from megatron_s2d.policy.scorer import Routing, balanced_split
+from megatron_s2d.errors import InternalError
+from megatron_s2d.runtime.routing import Routing, balanced_split
 
 
 def _weights(parts, w):
@@ -51,10 +51,10 @@ def test_routing_dedupes_ranks_of_one_dp_group_and_orders_rows_globally():
 
 
 def test_routing_refuses_ranks_of_one_dp_group_with_different_rows():
-    with pytest.raises(S2DError, match="ranks 0 and 1 are both stage data-parallel rank 0"):
+    with pytest.raises(InternalError, match="ranks 0 and 1 are both stage data-parallel rank 0"):
         Routing.plan([(0, [5, 6]), (0, [5, 7])], replicas=1)
     # same lengths, different tokens: the fingerprint tells them apart
-    with pytest.raises(S2DError, match="scorer: ranks 0 and 1"):
+    with pytest.raises(InternalError, match="scorer: ranks 0 and 1"):
         Routing.plan([(0, [5, 6], 111), (0, [5, 6], 222)], replicas=1)
     Routing.plan([(0, [5, 6], 111), (0, [5, 6], 111)], replicas=1)
 

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from checkpoints_convert.dcp_io import build_save_state_dict, extra_state_keys
-from checkpoints_convert.mapping import (GATE_UP, QKV, ckpt_chunks, find_local_param, layer_maps, tensor_maps,
+from megatron_s2d.checkpoint.dcp_io import build_save_state_dict, extra_state_keys
+from megatron_s2d.models.state_dict import (GATE_UP, QKV, ckpt_chunks, find_local_param, layer_maps, tensor_maps,
                                          to_hf, to_megatron, tp_merge, tp_split)
 from megatron_s2d.models.arch import arch_from_hf_config
 from tests.unit.convert._tiny import hf_config

@@ -1,18 +1,21 @@
-"""Dry run: validate every job's parallel layout and memory without a cluster, and print the per-job table.
+"""Pure launch checks: every job's parallel layout and memory, from config files only (no cluster, no weights, no
+process group), and the per-job table the dry run prints. The plan loader already checked everything that needs no
+model config (DAG, ranges, world size, the data-parallel split of prompts: ``config.validate``); this adds what needs
+the models' shapes.
 
 For each job (all stages share the plan's allocation: ``launch.nodes`` x ``launch.procs_per_node`` GPUs):
   * world = nodes x GPUs per node; for every model the job runs (the trained policy; the teacher of
     ``fkl_warmup`` / ``opd``; both models for ``base_eval``) ``tp * pp`` divides the world (DP >= 1, integer) and
     :func:`megatron_s2d.models.arch.check_layout` accepts the layout (heads, query groups, vocab, ffn by TP; layers
     by PP);
-  * the sequences of one update (``prompts_per_step * samples_per_prompt / updates_per_step``) split evenly over
-    the policy's DP ranks;
+  * the prompts of a step divide over the trained model's DP ranks and every rank has rows for every update
+    (``config.validate.batch_layout_errors``, the same check the plan loader runs);
   * the per-GPU memory estimate of :mod:`megatron_s2d.launch.memory` fits ``launch.gpu_memory_gib``.
 All problems are collected and raised together (one :class:`S2DError` naming stage, field and numbers).
 
 Model sizes come from the model's HF ``config.json``: ``models.<role>.hf`` when that folder has one; otherwise
-``run_configs/hf_configs/<basename(hf)>/config.json`` (shipped copies of the real Qwen3 / Llama configs, so recipes
-dry-run on a laptop without the weights); for ``models.<role>.megatron`` the ``s2d_model.json`` of that checkpoint;
+the package's ``models/hf_configs/<basename(hf)>/config.json`` (shipped copies of the real Qwen3 / Llama configs, so
+an installed ``s2d`` dry-runs the recipes anywhere, without the weights); for ``models.<role>.megatron`` the ``s2d_model.json`` of that checkpoint;
 for toy plans the toy world's shapes (the built ``<run_dir>/toy_world/<role>/config.json`` when present).
 """
 
@@ -23,18 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_s2d.config.schema import PlanConfig
-from megatron_s2d.config.validate import batch_layout_errors, policy_model
+from megatron_s2d.config.kinds import models_of
+from megatron_s2d.config.validate import batch_layout_errors, trained_model
 from megatron_s2d.errors import S2DError
 from megatron_s2d.launch.jobs import Job
 from megatron_s2d.launch.memory import (
     GIB, OVERHEAD_GIB, MemoryEstimate, dtype_bytes, engine_bytes, estimate_stage_memory, params_on_heaviest_stage,
 )
 from megatron_s2d.models.arch import ArchSpec, arch_from_hf_config, check_layout, load_arch
-from megatron_s2d.pipeline.layout import BASE_EVAL, RunLayout
+from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-HF_CONFIGS_DIR = REPO_ROOT / "run_configs" / "hf_configs"
-MEGATRON_META = "s2d_model.json"  # written by megatron_s2d.runtime.model_ckpt (read here without importing torch)
+HF_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "models" / "hf_configs"  # package data
+MEGATRON_META = "s2d_model.json"  # written by megatron_s2d.checkpoint.model_ckpt (read here without importing torch)
 
 
 # The toy tokenizer's vocabulary cap (a multiple of 16); used only before the toy world is built.
@@ -113,10 +116,7 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
     nodes, gpn = plan.launch.nodes, plan.launch.procs_per_node
     world = nodes * gpn
     stage = None if job.kind == "base_eval" else next(s for s in plan.stages if s.name == job.name)
-    if stage is None:
-        roles = ["teacher", "student"]
-    else:
-        roles = [policy_model(stage)] + (["teacher"] if stage.kind in ("fkl_warmup", "opd") else [])
+    roles = ["teacher", "student"] if stage is None else models_of(stage)
     layouts, params, n_errors = {}, {}, len(errors)
     for role in roles:
         m, arch = plan.models[role], archs[role]
@@ -137,7 +137,7 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
     if stage is None:
         memory = _eval_memory(plan, archs)
     else:
-        role = policy_model(stage)
+        role = trained_model(stage)
         dp = layouts[role][2]
         errors.extend(f"{job.name}: {e}" for e in batch_layout_errors(plan, stage))
         memory = estimate_stage_memory(plan, stage, archs, dp)
@@ -188,20 +188,3 @@ def format_table(checks: list[JobCheck], scripts: dict[str, str]) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n(memory in GiB per GPU; tp/pp/dp per model: t = teacher, s = student)"
-
-
-def dry_run(plan: PlanConfig, source: str | None = None, stages: list[str] | None = None,
-            executor: str | None = None, out=None) -> int:
-    """``s2d run --dry-run``: validate every job, render its script under ``<run_dir>/dry_run/`` (SLURM: NeMo-Run's
-    sbatch; local: the command line) with ``--plan <run_dir>/plan.resolved.yaml`` as a real run would, and print
-    the table. Returns 0; any problem raises one :class:`S2DError` listing them all. ``source``: the plan file the
-    user gave (only named in the output)."""
-    import sys
-
-    from megatron_s2d.launch.experiment import launch_plan
-
-    out = out or sys.stdout
-    if source:
-        print(f"[s2d] dry run of {source} (plan {plan.name!r})", file=out, flush=True)
-    launch_plan(plan, str(RunLayout.of(plan.run_dir).plan), stages, executor, dry_run=True, out=out)
-    return 0

@@ -1,6 +1,6 @@
 """megatron-s2d model checkpoint folder -> HF folder (sharded safetensors), streaming one layer at a time.
 
-    python -m checkpoints_convert megatron-to-hf --megatron DIR --out DIR [--hf-reference DIR] [--dtype bf16|fp32]
+    s2d convert megatron-to-hf --megatron DIR --out DIR [--hf-reference DIR] [--dtype bf16|fp32]
         [--shard-size 5GB] [--overwrite]
 
 Reads the dist checkpoint (written at any TP/PP, by the converter or by training) one layer at a time at the TP=1
@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 import torch
 
-from checkpoints_convert import llama, qwen3
-from checkpoints_convert.dcp_io import DistCheckpointReader
-from checkpoints_convert.hf_io import ShardedSafetensorsWriter, copy_files, parse_size, sort_hf_files
-from checkpoints_convert.hf_to_megatron import ConversionReport
-from checkpoints_convert.mapping import arch_diff, embedding_map, final_maps, layer_maps, tensor_maps, to_hf
+from megatron_s2d.models import llama, qwen3
+from megatron_s2d.checkpoint.dcp_io import DistCheckpointReader
+from megatron_s2d.checkpoint.hf_io import ShardedSafetensorsWriter, copy_files, parse_size, sort_hf_files
+from megatron_s2d.checkpoint.hf_to_megatron import ConversionReport
+from megatron_s2d.models.state_dict import arch_diff, embedding_map, final_maps, layer_maps, tensor_maps, to_hf
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec, arch_from_hf_config
-from megatron_s2d.runtime import model_ckpt
+from megatron_s2d.checkpoint import model_ckpt
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _FAMILIES = {"llama": llama, "qwen3": qwen3}

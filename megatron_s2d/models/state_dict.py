@@ -1,4 +1,9 @@
-"""The one table that maps HF Llama-3.x / Qwen3 tensors onto megatron-core ``GPTModel`` tensors and back.
+"""The state-dict adapter of the dense Llama family: the table that maps HF Llama-3.x / Qwen3 tensors onto
+megatron-core ``GPTModel`` tensors and back (names, shapes, TP split/merge).
+
+One table for both families, not one per family (torchtitan keeps a ``state_dict_adapter.py`` per model folder):
+Qwen3 dense is Llama plus per-head q/k norms, which the table adds when ``arch.qk_norm``; what else differs per family
+is its HF ``config.json`` (``llama.py``, ``qwen3.py``).
 
 Everything that moves weights (offline conversion in both directions, loading HF weights into a live model, the
 TP/PP-gathering export used by the vLLM refit) is driven by :func:`tensor_maps`, so a naming or layout fact lives in

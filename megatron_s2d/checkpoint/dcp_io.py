@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from checkpoints_convert.mapping import EXTRA_STATE_MODULES, LAYER_PREFIX, Chunk, TensorMap, ckpt_chunks, \
+from megatron_s2d.models.state_dict import EXTRA_STATE_MODULES, LAYER_PREFIX, Chunk, TensorMap, ckpt_chunks, \
     ckpt_global_shape
 from megatron_s2d.errors import S2DError
 

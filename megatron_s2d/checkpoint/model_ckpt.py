@@ -11,7 +11,7 @@ Folder format (shared by the converter and, extended, by training checkpoints)::
 Writes are atomic: everything goes to a hidden temp sibling that is renamed into place last, so an interrupted save
 never leaves a folder that looks complete. A dist checkpoint is layout-agnostic: :func:`load_model_checkpoint` loads
 it at any TP/PP. :func:`export_hf_state` gathers a *live* model into full HF-named tensors, one at a time (this is
-what the vLLM weight refit uses); the name/layout mapping itself lives in ``checkpoints_convert.mapping``.
+what the vLLM weight refit uses); the name/layout mapping itself lives in ``megatron_s2d.models.state_dict``.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def export_hf_state(model, arch: ArchSpec) -> Iterator[tuple[str, torch.Tensor]]
     All ranks must iterate to the end in the same order. Tensors are yielded one megatron tensor at a time (q/k/v
     and gate/up come out of one gathered tensor); they may share memory with the model's parameters.
     """
-    from checkpoints_convert.mapping import find_local_param, tensor_maps, to_hf, tp_merge
+    from megatron_s2d.models.state_dict import find_local_param, tensor_maps, to_hf, tp_merge
 
     m = _unwrap(model)
     tp_group, pp_group = m.tp_group, m.pp_group
@@ -275,7 +275,7 @@ def export_hf_state(model, arch: ArchSpec) -> Iterator[tuple[str, torch.Tensor]]
 def hf_state_to_megatron_shard(tm, arch: ArchSpec, hf_tensors: list[torch.Tensor], tp_rank: int,
                                tp_size: int) -> torch.Tensor:
     """This TP rank's shard of the megatron tensor ``tm`` built from its full HF tensors."""
-    from checkpoints_convert.mapping import to_megatron, tp_split
+    from megatron_s2d.models.state_dict import to_megatron, tp_split
 
     return tp_split(tm, to_megatron(tm, arch, hf_tensors), tp_rank, tp_size)
 
@@ -283,7 +283,7 @@ def hf_state_to_megatron_shard(tm, arch: ArchSpec, hf_tensors: list[torch.Tensor
 @torch.no_grad()
 def load_hf_state(model, arch: ArchSpec, read: Callable[[str], torch.Tensor]) -> None:
     """Fill this rank's part of a live model from full HF tensors (``read(hf_name)``); no communication."""
-    from checkpoints_convert.mapping import embedding_map, find_local_param, tensor_maps
+    from megatron_s2d.models.state_dict import embedding_map, find_local_param, tensor_maps
 
     m = _unwrap(model)
     tp_rank, tp_size = dist.get_rank(m.tp_group), dist.get_world_size(m.tp_group)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpoints_convert.llama import common_config_kwargs, finish_config
+from megatron_s2d.models.llama import common_config_kwargs, finish_config
 from megatron_s2d.models.arch import ArchSpec
 
 ARCHITECTURE = "Qwen3ForCausalLM"

@@ -2,6 +2,7 @@
 
     <run_dir>/plan.resolved.yaml         the plan after overrides (what every job reads)
     <run_dir>/toy_world/                 the embedded toy world (only for toy plans)
+    <run_dir>/LOCK                       held by the launcher while it runs the plan
     <run_dir>/models/<role>_base/        base weights imported Megatron-natively from HF, once
     <run_dir>/data/splits.json           split manifests (content hashes, counts, sources)
     <run_dir>/data/<split>.jsonl         the split members, normalised
@@ -10,6 +11,7 @@
     <run_dir>/stages/<name>/lineage.json  parents, split hashes, config hash, final checkpoint, ledger
     <run_dir>/stages/<name>/eval.json     avg@k of the stage's final policy
     <run_dir>/stages/<name>/COMPLETE      written last; a stage with it is skipped on re-run
+    <run_dir>/stages/<name>/LOCK          held by the stage job while it runs
     <run_dir>/report/                    report.md, report.json, *.png
 """
 

@@ -2,7 +2,7 @@
 
 1. resolve the plan (overrides applied) and write ``plan.resolved.yaml`` — every job reads that file;
 2. build the embedded toy world when the plan asks for it (tiny base models + tokenizer, cached);
-3. import each base model Megatron-natively once (``checkpoints_convert``; skipped when already there);
+3. import each base model Megatron-natively once (``checkpoint.hf_to_megatron``; skipped when already there);
 4. refuse a teacher/student tokenizer mismatch and TP/PP layouts that do not divide the models;
 5. split the labeled pool and write the manifests.
 Bad input fails here, with a message naming the field or file, before any job is launched.
@@ -19,31 +19,11 @@ import yaml
 from megatron_s2d.config import PlanConfig, to_dict
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import check_layout, load_arch
-from megatron_s2d.pipeline.layout import RunLayout
-from megatron_s2d.pipeline.splits_io import prepare_splits
-
-
-def _tokenizer_fingerprint(tok_dir: Path) -> tuple[dict, dict]:
-    from transformers import AutoTokenizer
-
-    if not Path(tok_dir).is_dir():
-        raise S2DError(f"{tok_dir}: tokenizer folder missing")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    specials = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token")}
-    return tok.get_vocab(), specials
-
-
-def check_same_tokenizer(dir_a: str | Path, dir_b: str | Path) -> None:
-    """Teacher and student must share a tokenizer: same vocabulary (token -> id) and special tokens."""
-    va, sa = _tokenizer_fingerprint(Path(dir_a))
-    vb, sb = _tokenizer_fingerprint(Path(dir_b))
-    if va != vb:
-        diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
-        raise S2DError(f"tokenizer mismatch between {dir_a} and {dir_b}: vocabularies differ "
-                       f"({len(va)} vs {len(vb)} tokens; e.g. {diff}). On-policy distillation compares per-token "
-                       "log-probs id by id, so teacher and student must share one tokenizer")
-    if sa != sb:
-        raise S2DError(f"tokenizer mismatch between {dir_a} and {dir_b}: special tokens differ ({sa} vs {sb})")
+from megatron_s2d.data.sources import load_source
+from megatron_s2d.data.split_store import write_splits
+from megatron_s2d.data.splits import split_fractions
+from megatron_s2d.checkpoint.assets import check_same_tokenizer
+from megatron_s2d.stages.layout import RunLayout
 
 
 def write_resolved_plan(plan: PlanConfig, layout: RunLayout) -> Path:
@@ -56,7 +36,7 @@ def write_resolved_plan(plan: PlanConfig, layout: RunLayout) -> Path:
 
 
 def _import_base(plan: PlanConfig, role: str, layout: RunLayout, log) -> None:
-    from checkpoints_convert.hf_to_megatron import convert_hf_to_megatron
+    from megatron_s2d.checkpoint.hf_to_megatron import convert_hf_to_megatron
 
     m = plan.models[role]
     dest = layout.base_model(role)
@@ -89,9 +69,19 @@ def prepare_run(plan: PlanConfig, log=print, build_toy: bool = True) -> tuple[Pl
     for role in ("teacher", "student"):
         _import_base(plan, role, layout, log)
     check_same_tokenizer(layout.base_model("teacher") / "tokenizer", layout.base_model("student") / "tokenizer")
-    manifests = prepare_splits(plan, layout)
+    manifests = prepare_splits(plan, layout, log)
     log("splits: " + ", ".join(f"{k}={v['count']} ({v['content_hash'][:8]})" for k, v in manifests.items()))
     return plan, layout
+
+
+def prepare_splits(plan: PlanConfig, layout: RunLayout, log=print) -> dict[str, dict]:
+    """Load the pool, split it by content hash, write members + manifests (idempotent)."""
+    problems = load_source(plan.data.pool, plan.data.pool_limit, log=log)
+    fractions = dict(plan.data.split.fractions)
+    rest = 1.0 - sum(fractions.values())
+    if rest > 1e-9:
+        fractions["_unused"] = rest
+    return write_splits(layout.data, split_fractions(problems, fractions, seed=plan.data.split.seed))
 
 
 def check_models(plan: PlanConfig) -> None:
@@ -101,7 +91,7 @@ def check_models(plan: PlanConfig) -> None:
         if src is None:
             continue
         if m.megatron and (Path(m.megatron) / "s2d_model.json").is_file():
-            from megatron_s2d.runtime.model_ckpt import read_model_meta
+            from megatron_s2d.checkpoint.model_ckpt import read_model_meta
 
             arch = read_model_meta(m.megatron)[0]
         else:

@@ -1,6 +1,6 @@
 """HF safetensors (Llama-3.x / Qwen3) -> megatron-s2d model checkpoint folder, streaming.
 
-    python -m checkpoints_convert hf-to-megatron --hf DIR --out DIR --tp N --pp M [--dtype bf16|fp32] [--overwrite]
+    s2d convert hf-to-megatron --hf DIR --out DIR --tp N --pp M [--dtype bf16|fp32] [--overwrite]
 
 Every check runs before anything is written (architecture, TP/PP divisibility, missing / extra tensors, shapes,
 dtypes, output folder); then the dist checkpoint is written chunk by chunk, each chunk read from the safetensors
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from checkpoints_convert.dcp_io import write_dist_checkpoint
-from checkpoints_convert.hf_io import HFWeights, copy_files, sort_hf_files
-from checkpoints_convert.mapping import chunk_from_hf, embedding_map, hf_shapes, tensor_maps
+from megatron_s2d.checkpoint.dcp_io import write_dist_checkpoint
+from megatron_s2d.checkpoint.hf_io import HFWeights, copy_files, sort_hf_files
+from megatron_s2d.models.state_dict import chunk_from_hf, embedding_map, hf_shapes, tensor_maps
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec, check_layout, load_arch
-from megatron_s2d.runtime import model_ckpt
+from megatron_s2d.checkpoint import model_ckpt
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some older HF saves contain

@@ -1,0 +1,81 @@
+"""The one registry of stage kinds: what each kind trains, what generates its samples, whether it needs a teacher and
+consumes labels, how many rows a prompt gives, its config class and its loop. Validation, the dry run, the memory
+estimate, the report and the job entry all read it; nothing else compares kind strings.
+
+    kind         config              trains    samples from   teacher  labels                  loop
+    teacher_rl   GRPOStageConfig     teacher   teacher        no       yes (the reward)        stages.grpo
+    student_rl   GRPOStageConfig     student   student        no       yes                     stages.grpo
+    fkl_warmup   WarmupStageConfig   student   teacher        yes      no (prompts only)       stages.fkl_warmup
+    opd          OPDStageConfig      student   student        yes      if opd.task_reward_coef stages.opd
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from megatron_s2d.config.schema import (
+    GRPOStageConfig, OPDStageConfig, StageBase, StageConfig, WarmupStageConfig,
+)
+from megatron_s2d.errors import S2DError
+
+Role = Literal["teacher", "student"]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    config: type  # the stage's config class (the tagged union's member)
+    trains: Role  # the model whose weights the stage updates (its job's parallel layout is this model's)
+    samples_from: Role  # the model whose rollouts it trains on
+    needs_teacher: bool  # a frozen teacher scores or generates (``stage.teacher`` is required)
+    consumes_labels: Callable[[StageConfig], bool]  # whether the stage reads gold answers of its split
+    rows_per_prompt: Callable[[StageConfig], int]  # training sequences per prompt
+    loop: str  # "module:function" of the stage loop (imported by the job entry; config sits below stages)
+    is_rl: bool  # a sparse-reward RL stage (GRPO)
+
+
+KINDS: dict[str, StageKind] = {
+    "teacher_rl": StageKind("teacher_rl", GRPOStageConfig, "teacher", "teacher", False, lambda s: True,
+                            lambda s: s.samples_per_prompt, "megatron_s2d.stages.grpo:run", True),
+    "student_rl": StageKind("student_rl", GRPOStageConfig, "student", "student", False, lambda s: True,
+                            lambda s: s.samples_per_prompt, "megatron_s2d.stages.grpo:run", True),
+    "fkl_warmup": StageKind("fkl_warmup", WarmupStageConfig, "student", "teacher", True, lambda s: False,
+                            lambda s: s.warmup.teacher_samples_per_prompt, "megatron_s2d.stages.fkl_warmup:run",
+                            False),
+    "opd": StageKind("opd", OPDStageConfig, "student", "student", True, lambda s: s.opd.task_reward_coef != 0,
+                     lambda s: s.samples_per_prompt, "megatron_s2d.stages.opd:run", False),
+}
+
+
+def kind_of(stage: StageBase) -> StageKind:
+    try:
+        return KINDS[stage.kind]
+    except KeyError:
+        raise S2DError(f"stages.{stage.name}.kind = {stage.kind!r} is not one of {sorted(KINDS)}") from None
+
+
+def trained_model(stage: StageBase) -> Role:
+    """Which model of the plan a stage trains."""
+    return kind_of(stage).trains
+
+
+def generating_model(stage: StageBase) -> Role:
+    """The model whose samples a stage trains on: the teacher for the forward-KL warmup, else the policy."""
+    return kind_of(stage).samples_from
+
+
+def consumes_labels(stage: StageBase) -> bool:
+    """RL stages use gold answers; so does OPD when the sparse task reward is mixed into its dense reward."""
+    return kind_of(stage).consumes_labels(stage)
+
+
+def rows_per_prompt(stage: StageBase) -> int:
+    """Training sequences per prompt: the teacher samples of the forward-KL warmup, the policy's samples otherwise."""
+    return kind_of(stage).rows_per_prompt(stage)
+
+
+def models_of(stage: StageBase) -> list[Role]:
+    """The models a stage job holds: the one it trains, plus the teacher if it needs one."""
+    k = kind_of(stage)
+    return [k.trains] + (["teacher"] if k.needs_teacher and k.trains != "teacher" else [])

@@ -1,0 +1,130 @@
+"""The run store of one stage: where its parents' checkpoints are, and everything it writes into the run folder.
+
+    store = RunStore(layout, plan, stage, is_main=rank == 0)
+    parent = store.checkpoint_of("fkl_warmup", "student")      # a completed stage's final checkpoint, or the base
+    store.metrics.append(step, {"reward_mean": 0.4, ...});  store.save(policy, state, assets)
+    store.finish(final_checkpoint, state, eval_results)         # eval.json, lineage.json, then COMPLETE (last)
+
+The file contract between jobs is ``stages.layout``; this is the only writer of a stage's folder. Rank 0 writes
+(``is_main``); checkpoints are collective (every rank writes its shards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from megatron_s2d.config import PlanConfig, StageBase, to_dict
+from megatron_s2d.config.kinds import trained_model
+from megatron_s2d.config.validate import ancestors, label_ledger
+from megatron_s2d.data.split_store import read_manifests
+from megatron_s2d.errors import S2DError
+from megatron_s2d.stages.counters import Ledger, StageState
+from megatron_s2d.stages.layout import RunLayout
+
+
+def config_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one line per step (rank 0). On resume the lines of steps after the checkpoint are dropped:
+    they will be recomputed, identically."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def append(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        line = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        return line
+
+    def truncate(self, step: int) -> None:
+        if self.enabled and self.path.is_file():
+            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            self.path.write_text("".join(ln + "\n" for ln in lines))
+
+
+class RunStore:
+    def __init__(self, layout: RunLayout, plan: PlanConfig, stage: StageBase, is_main: bool):
+        self.layout, self.plan, self.stage, self.is_main = layout, plan, stage, is_main
+        self.dir = layout.stage(stage.name)
+        if is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl", is_main)
+
+    # ------------------------------------------------------------------------------------------ reading
+    def checkpoint_of(self, ref: str | None, role: str) -> Path:
+        """The checkpoint a reference resolves to: 'base' -> the imported base model; a stage -> its final one."""
+        if ref in (None, "base"):
+            path = self.layout.base_model(role)
+        else:
+            lineage = self.layout.stage(ref) / "lineage.json"
+            if not lineage.is_file():
+                raise S2DError(f"stage {self.stage.name!r} needs stage {ref!r}, which has not completed "
+                               f"({lineage} is missing): run it first")
+            path = Path(json.loads(lineage.read_text())["final_checkpoint"])
+        if not (path / "s2d_model.json").is_file():
+            raise S2DError(f"{path}: not a megatron-s2d model checkpoint (run `s2d run` to prepare base models)")
+        return path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.layout.checkpoints(self.stage.name)
+
+    # ------------------------------------------------------------------------------------------ writing
+    def save(self, policy, state: StageState, assets, layout: dict[str, int]) -> Path:
+        """A training checkpoint of ``policy`` at ``state.step`` (collective), with the model metadata, tokenizer and
+        HF extras of ``assets`` so the next stage and ``s2d convert megatron-to-hf`` read it as a model checkpoint."""
+        from megatron_s2d.checkpoint.model_ckpt import write_model_meta
+        from megatron_s2d.runtime.train_ckpt import save_train_checkpoint
+
+        role = trained_model(self.stage)
+
+        def write_meta(tmp: Path) -> None:
+            write_model_meta(tmp, assets.arch, self.plan.models[role].dtype, layout,
+                             source={"stage": self.stage.name, "step": state.step})
+            for sub in ("tokenizer", "hf_extra"):
+                if (assets.path / sub).is_dir():
+                    shutil.copytree(assets.path / sub, tmp / sub)
+
+        return save_train_checkpoint(policy, self.checkpoints, state.step,
+                                     {"ledger": asdict(state.ledger), "stage": self.stage.name}, write_meta)
+
+    def lineage(self, final: Path, state: StageState, init_dir: Path) -> dict:
+        s, plan = self.stage, self.plan
+        teacher = getattr(s, "teacher", None)
+        by_name = {x.name: x for x in plan.stages}
+        return {
+            "stage": s.name, "kind": s.kind, "control": s.control, "policy_model": trained_model(s),
+            "parents": {"init": s.init, "init_checkpoint": str(init_dir), "teacher": teacher,
+                        "teacher_checkpoint": str(self.checkpoint_of(teacher, "teacher")) if teacher else None},
+            "ancestors": ancestors(plan, s.name),
+            "split": s.split, "split_manifest": read_manifests(self.layout.data)[s.split],
+            "labels_used_by_lineage": label_ledger(plan)[s.name],
+            "config_hash": config_hash(to_dict(s)),
+            "plan_models_hash": config_hash({k: asdict(v) for k, v in plan.models.items()}),
+            "final_checkpoint": str(final), "steps": state.step,
+            "ledger": asdict(state.ledger),
+            "ancestor_ledgers": {a: json.loads((self.layout.stage(a) / "lineage.json").read_text())["ledger"]
+                                 for a in ancestors(plan, s.name) if a in by_name},
+        }
+
+    def finish(self, final: Path, state: StageState, init_dir: Path, eval_results: dict | None) -> None:
+        """eval.json, lineage.json, then the COMPLETE marker, written last (rank 0)."""
+        if not self.is_main:
+            return
+        if eval_results is not None:
+            (self.dir / "eval.json").write_text(json.dumps(eval_results, indent=1))
+        (self.dir / "lineage.json").write_text(json.dumps(self.lineage(final, state, init_dir), indent=1))
+        self.layout.complete_marker(self.stage.name).write_text(str(final) + "\n")
+
+    @staticmethod
+    def restored(saved: dict) -> StageState:
+        """The stage state of a loaded training checkpoint's trainer state."""
+        return StageState(step=saved["step"], ledger=Ledger(**saved["ledger"]))
