@@ -17,7 +17,7 @@ from megatron_s2d.config.schema import (
 )
 from megatron_s2d.errors import S2DError
 
-__all__ = ["ancestors", "batch_layout_errors", "consumes_labels", "generating_model", "generations", "label_ledger",
+__all__ = ["ancestors", "batch_layout_errors", "layout_errors", "consumes_labels", "generating_model", "generations", "label_ledger",
            "parents", "resolve_engines", "topo_order", "trained_model", "validate_plan"]
 
 
@@ -254,11 +254,17 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
     if plan.eval.k < 1 or plan.eval.max_new_tokens < 1 or plan.eval.temperature < 0:
         raise S2DError(f"{where}: eval: k and max_new_tokens must be >= 1 and temperature >= 0")
     _check_generations(plan, where)
-    world = plan.launch.nodes * plan.launch.procs_per_node
-    for role, m in plan.models.items():
-        if world % (m.tp * m.pp):
-            raise S2DError(f"{where}: models.{role}: tp x pp = {m.tp * m.pp} does not divide the world size "
-                           f"{world} (launch.nodes x launch.procs_per_node)")
-    errors = [e for s in plan.stages for e in batch_layout_errors(plan, s)]
+    errors = layout_errors(plan)
     if errors:
         raise S2DError(f"{where}: " + "; ".join(errors))
+
+
+def layout_errors(plan: PlanConfig) -> list[str]:
+    """Every divisibility problem of the plan's jobs, in one place: each model's tp x pp divides the world, each
+    stage's prompts divide over its data-parallel ranks and every rank has rows for every update. The plan loader
+    and the dry run (``launch.checks``) both call this."""
+    world = plan.launch.nodes * plan.launch.procs_per_node
+    out = [f"models.{role}: tp x pp = {m.tp * m.pp} does not divide the world size {world} (launch.nodes "
+           f"{plan.launch.nodes} x launch.procs_per_node {plan.launch.procs_per_node})"
+           for role, m in plan.models.items() if m.tp < 1 or m.pp < 1 or world % (m.tp * m.pp)]
+    return out + [e for s in plan.stages for e in batch_layout_errors(plan, s)]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from megatron_s2d.config.schema import PlanConfig
 from megatron_s2d.config.kinds import models_of
-from megatron_s2d.config.validate import batch_layout_errors, trained_model
+from megatron_s2d.config.validate import layout_errors, trained_model
 from megatron_s2d.errors import S2DError
 from megatron_s2d.launch.jobs import Job
 from megatron_s2d.launch.memory import (
@@ -122,9 +122,7 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
         m, arch = plan.models[role], archs[role]
         where = f"{job.name}: models.{role} (tp={m.tp}, pp={m.pp})"
         if world % (m.tp * m.pp):
-            errors.append(f"{where}: tp x pp = {m.tp * m.pp} does not divide the world size {world} "
-                          f"(launch.nodes {nodes} x launch.procs_per_node {gpn})")
-            continue
+            continue  # reported once by config.validate.layout_errors (check_jobs)
         try:
             check_layout(arch, m.tp, m.pp, where=where)
         except S2DError as e:
@@ -132,15 +130,12 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
             continue
         layouts[role] = (m.tp, m.pp, world // (m.tp * m.pp))
         params[role] = arch.num_params
-    if len(errors) > n_errors:
+    if len(errors) > n_errors or len(layouts) < len(roles):
         return None
     if stage is None:
         memory = _eval_memory(plan, archs)
     else:
-        role = trained_model(stage)
-        dp = layouts[role][2]
-        errors.extend(f"{job.name}: {e}" for e in batch_layout_errors(plan, stage))
-        memory = estimate_stage_memory(plan, stage, archs, dp)
+        memory = estimate_stage_memory(plan, stage, archs, layouts[trained_model(stage)][2])
     if not memory.fits:
         errors.append(f"{job.name}: over the per-GPU memory budget: {memory.describe()}; lower "
                       f"micro_batch_tokens, raise tp/pp, enable models.<role>.recompute, or add nodes")
@@ -158,6 +153,7 @@ def check_jobs(plan: PlanConfig, jobs: list[Job]) -> list[JobCheck]:
             errors.append(str(e))
     if errors:
         raise S2DError("dry run: cannot read the model configs:\n  - " + "\n  - ".join(errors))
+    errors.extend(layout_errors(plan))  # divisibility: the plan loader's check, again on the plan as given here
     checks = [c for c in (check_job(plan, j, archs, errors) for j in jobs) if c is not None]
     if errors:
         raise S2DError(f"dry run of plan {plan.name!r} found {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))

@@ -48,6 +48,15 @@ def plan_evaluator(plan: PlanConfig, log=print) -> Evaluator:
                      max_new_tokens=ev.max_new_tokens, instruction=plan.data.instruction, seed=plan.seed)
 
 
+def trainable_policy(arch, model_cfg, stage, seed: int):
+    """The stage's trainable policy (random weights until loaded): its optimizer, its LR schedule over the stage's
+    ``steps x updates_per_step`` optimizer updates, its micro-batch budget."""
+    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+
+    return MegatronPolicy(arch, model_cfg, stage.optim, total_updates=stage.steps * stage.updates_per_step, seed=seed,
+                          micro_batch_tokens=stage.micro_batch_tokens)
+
+
 class StageJob:
     def __init__(self, plan: PlanConfig, stage_name: str, preemption=None):
         by_name = {s.name: s for s in plan.stages}
@@ -74,13 +83,9 @@ class StageJob:
         """The trainable policy with its stage state: resumed from the stage's latest checkpoint if there is one,
         else initialised from the parent stage's final checkpoint (or the base model)."""
         from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
-        from megatron_s2d.policy.megatron_policy import MegatronPolicy
         from megatron_s2d.runtime.train_ckpt import latest_checkpoint, load_train_checkpoint
 
-        st = self.stage
-        policy = MegatronPolicy(self.assets.arch, self.plan.models[self.role], st.optim,
-                                total_updates=st.steps * st.updates_per_step, seed=self.plan.seed,
-                                micro_batch_tokens=st.micro_batch_tokens)
+        policy = trainable_policy(self.assets.arch, self.plan.models[self.role], self.stage, self.plan.seed)
         state = StageState()
         resume = latest_checkpoint(self.store.checkpoints)
         if resume is not None:

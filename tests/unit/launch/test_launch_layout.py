@@ -51,7 +51,7 @@ def test_uneven_dp_split_is_refused(tmp_path):
         load(tmp_path, two_stage_plan(tmp_path, hf, hf), ["stages.opd.prompts_per_step=3"])
     plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf))
     next(s for s in plan.stages if s.name == "opd").prompts_per_step = 3
-    with pytest.raises(S2DError, match=r"opd: stages.opd.prompts_per_step = 3 does not divide over the 4"):
+    with pytest.raises(S2DError, match=r"stages.opd.prompts_per_step = 3 does not divide over the 4"):
         _check(plan)
 
 
