@@ -30,8 +30,12 @@ def _cmd_run(args) -> int:
         write_resolved_plan(plan, layout)
         run_plan(plan, str(layout.plan), stages=stages, executor=executor, dry_run=True)
         return 0
-    plan, layout = prepare_run(plan, log=log)
-    run_plan(plan, str(layout.plan), stages=stages, executor=executor)
+    from megatron_s2d.runtime.locks import hold_lock
+
+    # one launcher per run folder (on SLURM: while it prepares and submits; each stage job then locks its stage)
+    with hold_lock(RunLayout.of(plan.run_dir).lock, f"run folder {RunLayout.of(plan.run_dir).root}"):
+        plan, layout = prepare_run(plan, log=log)
+        run_plan(plan, str(layout.plan), stages=stages, executor=executor)
     if executor == "local":  # on SLURM the report is the last dependent job
         from megatron_s2d.run.report import write_report
 

@@ -81,7 +81,9 @@ def run_stage(plan, name: str) -> int:
     job = StageJob(plan, name, preemption=handler)
     module, func = kind_of(job.stage).loop.split(":")
     loop = getattr(importlib.import_module(module), func)
-    if loop(job):
+    with job.exclusive():
+        preempted = loop(job)
+    if preempted:
         return handler.finish(rank=job.dist.rank, distributed=True)
     handler.uninstall()
     return 0

@@ -17,6 +17,7 @@ import time
 import torch
 
 from megatron_s2d.policy.objectives import ForwardKLLoss
+from megatron_s2d.rollout import sample_store
 from megatron_s2d.rollout.batch import flatten, to_batch
 from megatron_s2d.stages.counters import StepCounters
 from megatron_s2d.stages.steps import response_tokens, rollout_metrics
@@ -28,10 +29,10 @@ def teacher_samples(job) -> list[list]:
     from megatron_s2d.runtime.dist import all_ranks_agree, is_dp_writer
 
     st, wu = job.stage, job.stage.warmup
-    path = job.store.dir / "teacher_cache" / f"dp_rank_{job.dist.dp_rank:05d}.pt"
-    if all_ranks_agree(path.is_file()):  # generating is collective over the whole job: all ranks or none
+    path = job.store.dir / "teacher_cache" / f"dp_rank_{job.dist.dp_rank:05d}"
+    if all_ranks_agree(sample_store.exists(path)):  # generating is collective over the whole job: all ranks or none
         job.log(f"teacher rollouts: cached {path}")
-        return torch.load(path, weights_only=False)
+        return sample_store.load_samples(path)
     teacher = job.load_teacher()
     engine = job.make_engine(teacher)
     topk = wu.topk if wu.mode == "topk" else 0
@@ -45,12 +46,7 @@ def teacher_samples(job) -> list[list]:
     job.log(f"teacher rollouts: {sum(map(len, per_step))} samples, {tokens:.0f} tokens in "
             f"{time.perf_counter() - t0:.1f}s ({tokens / max(gen_s, 1e-9):.0f} tok/s generating)")
     if is_dp_writer():  # one rank per data-parallel group writes (the others hold identical samples)
-        import os
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(per_step, tmp)
-        os.replace(tmp, path)
+        sample_store.save_samples(path, per_step)
     torch.distributed.barrier()
     engine.close()
     return per_step

@@ -59,6 +59,13 @@ class RunLayout:
     def checkpoints(self, name: str) -> Path:
         return self.stage(name) / "checkpoints"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / "LOCK"
+
+    def stage_lock(self, name: str) -> Path:
+        return self.stage(name) / "LOCK"
+
     def complete_marker(self, name: str) -> Path:
         return self.stage(name) / "COMPLETE"
 

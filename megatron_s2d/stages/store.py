@@ -82,7 +82,7 @@ class RunStore:
         """A training checkpoint of ``policy`` at ``state.step`` (collective), with the model metadata, tokenizer and
         HF extras of ``assets`` so the next stage and ``s2d convert megatron-to-hf`` read it as a model checkpoint."""
         from megatron_s2d.checkpoint.model_ckpt import write_model_meta
-        from megatron_s2d.runtime.train_ckpt import save_train_checkpoint
+        from megatron_s2d.checkpoint.train_ckpt import save_train_checkpoint
 
         role = trained_model(self.stage)
 
@@ -94,7 +94,8 @@ class RunStore:
                     shutil.copytree(assets.path / sub, tmp / sub)
 
         return save_train_checkpoint(policy, self.checkpoints, state.step,
-                                     {"ledger": asdict(state.ledger), "stage": self.stage.name}, write_meta)
+                                     {"ledger": asdict(state.ledger), "stage": self.stage.name}, write_meta,
+                                     keep=self.stage.keep_checkpoints)
 
     def lineage(self, final: Path, state: StageState, init_dir: Path) -> dict:
         s, plan = self.stage, self.plan

@@ -136,3 +136,48 @@ def test_bad_plans_fail_before_anything_runs(mini_world, tmp_path):
         assert proc.returncode == 2, (name, proc.stdout[-2000:], proc.stderr[-2000:])
         assert message in proc.stderr, (name, proc.stderr[-2000:])
         assert not (run / "stages").exists(), name
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(mini_world, tmp_path):
+    """A truncated .distcp in the newest checkpoint of an unfinished stage (and, second round, a missing file):
+    the re-run names the file and resumes from the previous complete checkpoint instead of dying in an EOFError."""
+    stages = [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H", "steps": 2, "save_every": 1,
+               "keep_checkpoints": 3, "eval": False}]
+    run = tmp_path / "run"
+    plan = write_plan(tmp_path / "plan.yaml", mini_plan(mini_world, run, stages, eval={"k": 2, "include_base": False}))
+    s2d("run", plan)
+    ckpts = run / "stages" / "teacher_rl" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_000001", "step_000002"]
+    for damage, steps in (("truncate", 3), ("delete", 4)):
+        for f in ("COMPLETE", "lineage.json"):  # the stage is unfinished again (it now runs more steps)
+            (run / "stages" / "teacher_rl" / f).unlink()
+        newest = sorted(p for p in ckpts.iterdir() if p.is_dir())[-1]
+        victim = sorted((newest / "model").glob("*.distcp"))[0]
+        if damage == "truncate":
+            victim.write_bytes(victim.read_bytes()[:100])
+        else:
+            victim.unlink()
+        proc = s2d("run", plan, f"stages.teacher_rl.steps={steps}")
+        previous = f"step_{int(newest.name[-6:]) - 1:06d}"
+        assert f"checkpoint {newest} is damaged" in proc.stdout and victim.name in proc.stdout
+        assert f"resumed from {ckpts / previous} at step {int(previous[-6:])}" in proc.stdout
+        final = Path(json.loads((run / "stages" / "teacher_rl" / "lineage.json").read_text())["final_checkpoint"])
+        assert final.name == f"step_{steps:06d}"
+
+
+def test_second_launcher_on_the_same_run_folder_is_refused(mini_world, tmp_path):
+    stages = [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H", "steps": 50, "eval": False}]
+    run = tmp_path / "run"
+    plan = write_plan(tmp_path / "plan.yaml", mini_plan(mini_world, run, stages, eval={"k": 2, "include_base": False}))
+    first = subprocess.Popen([s2d_console_script(), "run", str(plan)], cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "LOCK").is_file() and (run / "LOCK").read_text()):
+            time.sleep(0.2)
+        second = s2d("run", plan, check=False)
+        assert second.returncode == 2
+        assert f"is in use by pid {first.pid}" in second.stderr and "run folder" in second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()

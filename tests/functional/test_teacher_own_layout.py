@@ -33,8 +33,10 @@ def test_fkl_and_opd_with_teacher_at_its_own_layout_next_to_student_tp1(mini_wor
     assert (f"teacher scorer at its own layout tp={tp} pp={pp} (1 replicas) next to the student at tp=1 pp=1 (dp=2)"
             in out)
     # each student DP rank got teacher samples for its own prompts, with teacher top-k at every response token
-    caches = [[s for step in torch.load(run / "stages" / "fkl" / "teacher_cache" / f"dp_rank_{r:05d}.pt",
-                                        weights_only=False) for s in step] for r in (0, 1)]
+    from megatron_s2d.rollout.sample_store import load_samples
+
+    caches = [[s for step in load_samples(run / "stages" / "fkl" / "teacher_cache" / f"dp_rank_{r:05d}")
+               for s in step] for r in (0, 1)]
     assert len(caches[0]) == len(caches[1]) == 2 * 1 * 2  # steps x prompts per rank x samples per prompt
     assert {tuple(s.prompt_ids) for s in caches[0]}.isdisjoint({tuple(s.prompt_ids) for s in caches[1]})
     for s in caches[0] + caches[1]:

@@ -1,0 +1,89 @@
+"""Random-number-generator states on disk without pickle: safetensors for the tensors, JSON for the rest.
+
+    save_rng_state(ckpt / "rng" / "rank_00003")      # writes rank_00003.safetensors + rank_00003.json
+    set_rng_state(load_rng_state(ckpt / "rng" / "rank_00003"))
+
+What a stage must restore to resume bit-identically: torch's CPU generator, CUDA's (on GPU), megatron's RNG tracker
+(dropout streams per TP rank), Python's ``random`` and numpy's global generator. Nothing here executes code from the
+file: a run folder can come from someone else (a shared cluster filesystem) and loading it must not run their code.
+An older checkpoint with a pickled ``rank_*.pt`` is refused with a message instead of being unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_s2d.errors import S2DError
+
+FORMAT = "megatron-s2d/rng/v1"
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_rng_state(prefix: Path, state: dict | None = None) -> None:
+    """Write ``prefix.safetensors`` (generator tensors) and ``prefix.json`` (Python / numpy scalars)."""
+    from safetensors.torch import save_file
+
+    state = rng_state() if state is None else state
+    tensors = {"torch": state["torch"].contiguous()}
+    if state.get("cuda") is not None:
+        tensors["cuda"] = state["cuda"].cpu().contiguous()
+    for name, t in state["tracker"].items():
+        tensors[f"tracker.{name}"] = t.cpu().contiguous()
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    tensors["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy())
+    version, internal, py_gauss = state["python"]
+    meta = {"format": FORMAT, "python": [version, list(internal), py_gauss],
+            "numpy": [kind, int(pos), int(has_gauss), float(gauss)], "tracker": sorted(state["tracker"])}
+    prefix = Path(prefix)
+    save_file(tensors, str(prefix.with_suffix(".safetensors")))
+    prefix.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def load_rng_state(prefix: Path) -> dict:
+    """The state written by :func:`save_rng_state` (never unpickles anything)."""
+    from safetensors.torch import load_file
+
+    prefix = Path(prefix)
+    st, js = prefix.with_suffix(".safetensors"), prefix.with_suffix(".json")
+    if not (st.is_file() and js.is_file()):
+        if prefix.with_suffix(".pt").is_file():
+            raise S2DError(f"{prefix.with_suffix('.pt')}: a pickled RNG state (an older megatron-s2d checkpoint); it is "
+                           "not loaded, because unpickling a file from a run folder can run code. Resume from a "
+                           "checkpoint written by this version, or restart the stage")
+        raise S2DError(f"{st}: missing (the checkpoint's RNG state); the checkpoint is incomplete")
+    try:
+        meta = json.loads(js.read_text())
+        tensors = load_file(str(st))
+    except (json.JSONDecodeError, OSError, ValueError, RuntimeError) as e:
+        raise S2DError(f"{prefix}: unreadable RNG state ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise S2DError(f"{js}: field 'format' = {meta.get('format')!r}, expected {FORMAT!r}")
+    version, internal, py_gauss = meta["python"]
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    return {"torch": tensors["torch"], "cuda": tensors.get("cuda"),
+            "python": (version, tuple(internal), py_gauss),
+            "numpy": (kind, tensors["numpy.keys"].numpy().view(np.uint32), pos, has_gauss, gauss),
+            "tracker": {name: tensors[f"tracker.{name}"] for name in meta["tracker"]}}
