@@ -208,6 +208,9 @@ def launch_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | N
         out_dir = RunLayout.of(plan.run_dir).root / "dry_run"
         render(plan, planned, out_dir)
         print(format_table(planned.checks, planned.scripts), file=out, flush=True)
+        if executor == "slurm":
+            interp, code, why = slurm_mod.job_environment(plan)
+            print(f"[s2d] SLURM jobs run {interp} ({why}); megatron-s2d code: {code}", file=out, flush=True)
         print(f"[s2d] dry run OK: {len(planned.jobs)} job(s), scripts in {out_dir}", file=out, flush=True)
         return planned
     planned = plan_launch(plan, plan_path_resolved, stages, executor, JobSelection.run(report))

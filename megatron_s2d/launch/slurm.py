@@ -13,9 +13,14 @@ Every stage job is one ``sbatch`` (NeMo-Run's ``slurm.sh.j2``) with
   ids exist only then); dry-run scripts carry it in the file with placeholders ``<stage>`` for the ids;
   ``--kill-on-invalid-dep=yes`` cancels the dependents of a failed job.
 
-The code is not shipped by NeMo-Run (``run.Packager()``): the container (or the nodes' Python) must have megatron-s2d
-importable, e.g. ``pip install -e`` on the shared filesystem or ``PYTHONPATH`` in ``launch.slurm.env`` (see
-``slurm/README.md``). ``run_dir`` must be on a filesystem every node sees, at the same path.
+The interpreter (:func:`job_environment`): without a container image the job runs the interpreter that ran ``s2d``
+(``sys.executable``, an absolute path: the virtual environment megatron-s2d is installed in, the usual set-up on a
+bare-metal cluster with a shared filesystem), or ``launch.slurm.python`` when the cluster profile sets one; a bare
+``python`` would be whatever the compute node's PATH finds, without megatron-s2d. With a container image it is the
+container's ``python`` unless the profile sets one. The code is not shipped by NeMo-Run (``run.Packager()``): the
+interpreter must import megatron-s2d (an install or editable install on the shared filesystem, or ``PYTHONPATH`` in
+``launch.slurm.env``); the dry run prints which interpreter and which code folder the jobs will use.
+``run_dir`` must be on a filesystem every node sees, at the same path.
 """
 
 from __future__ import annotations
@@ -59,6 +64,26 @@ def no_stdin() -> Iterator[None]:
             sys.stdin = saved
 
 
+def job_environment(plan: PlanConfig) -> tuple[str, str, str]:
+    """(interpreter, code folder, why that interpreter) of the plan's SLURM jobs (see the module docstring)."""
+    s = plan.launch.slurm
+    code = str(Path(__file__).resolve().parents[2])  # where megatron_s2d is imported from here
+    if s.python:
+        interp, why = s.python, "launch.slurm.python"
+        if not os.path.isabs(interp) and interp != "python":
+            raise S2DError(f"launch.slurm.python = {interp!r} must be an absolute path (or 'python' for the one on "
+                           "the compute node's PATH)")
+    elif s.container_image:
+        interp, why = "python", f"the container's ({s.container_image})"
+        code = "the container's (or PYTHONPATH in launch.slurm.env)"
+    elif s.tunnel == "ssh":
+        raise S2DError("launch.slurm.python is required with an ssh tunnel and no container image: the interpreter "
+                       "that runs s2d here is not on the cluster; set it to the cluster's venv python (absolute path)")
+    else:
+        interp, why = sys.executable, "the interpreter running s2d (its virtual environment)"
+    return interp, code, why
+
+
 def check_slurm_config(plan: PlanConfig) -> None:
     s = plan.launch.slurm
     if s.gpus_per_node < 0:
@@ -76,6 +101,7 @@ def check_slurm_config(plan: PlanConfig) -> None:
                        f"for an ssh tunnel")
     if s.signal_seconds_before_end < 0:
         raise S2DError("launch.slurm.signal_seconds_before_end must be >= 0")
+    job_environment(plan)
 
 
 def local_job_dir(s: SlurmConfig) -> str:
@@ -144,7 +170,7 @@ def slurm_script(plan: PlanConfig, job: Job, plan_path: str):
     run_dir = plan.run_dir if plan.launch.slurm.tunnel == "ssh" else str(Path(plan.run_dir).resolve())
     module, args = job_command(job, shlex.quote(plan_path), shlex.quote(run_dir), plan.launch.nodes,
                                plan.launch.procs_per_node, rdzv_host=head)
-    return run.Script(path=module, m=True, entrypoint="python", args=args)
+    return run.Script(path=module, m=True, entrypoint=job_environment(plan)[0], args=args)
 
 
 def add_jobs(exp, plan: PlanConfig, jobs: list[Job], plan_path: str) -> None:
@@ -174,9 +200,11 @@ def render_sbatch(plan: PlanConfig, jobs: list[Job], plan_path: str, out_dir: Pa
             ex = nr_job.executor
             rendered = Path(ex.experiment_dir) / f"{ex.job_name}_sbatch.sh"
             deps = f" --dependency=afterok:{':'.join(job.deps)}" if job.deps else ""
+            interp, code, why = job_environment(plan)
             header = (f"# megatron-s2d dry run of job {job.name!r} (plan {plan.name!r}); NeMo-Run submits it as\n"
                       f"#   sbatch --requeue --parsable{deps} <this script>\n"
-                      f"# with the parents' real job ids in place of the <stage> placeholders.\n")
+                      f"# with the parents' real job ids in place of the <stage> placeholders.\n"
+                      f"# interpreter: {interp} ({why}); megatron-s2d code: {code}\n")
             text = rendered.read_text()
             first, _, rest = text.partition("\n")  # keep the shebang first
             path = out_dir / f"{job.name}.sbatch"

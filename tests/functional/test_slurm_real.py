@@ -7,6 +7,7 @@ Needs a running SLURM controller: ``apt-get install -y slurm-wlm munge && bash s
 Skipped when ``sinfo`` is missing or no controller answers. ~40 s.
 """
 
+import json
 import os
 import re
 import shutil
@@ -49,12 +50,21 @@ def _job(job_id: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
 
 
-@pytest.mark.skipif(not _slurm_up(), reason="no SLURM controller (apt-get install slurm-wlm munge; "
-                                             "bash slurm/single_node_setup.sh)")
+def _why_not() -> str:
+    status = REPO / ".slurm_setup_status"  # written by scripts/setup_slurm.sh (run by scripts/run_tests.sh)
+    said = status.read_text().strip() if status.is_file() else "scripts/setup_slurm.sh has not run"
+    if said.startswith("SLURM"):
+        said = f"the daemons scripts/setup_slurm.sh started no longer answer (it said: {said})"
+    return f"no SLURM controller: {said} (as root: scripts/setup_slurm.sh)"
+
+
+needs_slurm = pytest.mark.skipif(not _slurm_up(), reason=_why_not())
+
+
+@needs_slurm
 def test_slurm_chain_with_preemption_requeue(tmp_path, monkeypatch):
     monkeypatch.setattr(jobs, "STAGE_ENTRY", "_fake_s2d_entry")
     monkeypatch.setattr(jobs, "REPORT_ENTRY", "_fake_s2d_entry")
-    venv_bin = Path(os.sys.executable).parent
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     plan_d = {"name": "s2dslurm", "run_dir": str(run_dir), "toy_world": True, "models": {"teacher": {}, "student": {}},
@@ -64,8 +74,7 @@ def test_slurm_chain_with_preemption_requeue(tmp_path, monkeypatch):
                          {"name": "fkl_warmup", "kind": "fkl_warmup", "teacher": "teacher_rl", "split": "1H"}],
               "launch": {"executor": "slurm", "nodes": 1, "procs_per_node": 2, "slurm": {
                   "time": "00:10:00", "gpus_per_node": 0, "exclusive": False, "job_dir": str(tmp_path / "jobs"),
-                  "env": {"PATH": f"{venv_bin}:$PATH", "PYTHONPATH": f"{HERE}:{REPO}",
-                          "S2D_FAKE_WAIT": "teacher_rl"}}}}
+                  "env": {"PYTHONPATH": f"{HERE}", "S2D_FAKE_WAIT": "teacher_rl"}}}}
     plan_path = run_dir / "plan.resolved.yaml"
     plan_path.write_text(yaml.safe_dump(plan_d))
     plan = load_plan(plan_path)
@@ -91,3 +100,28 @@ def test_slurm_chain_with_preemption_requeue(tmp_path, monkeypatch):
     assert (run_dir / "report" / "REPORT_DONE").read_text().split() == ["fkl_warmup", "teacher_rl"]
     assert "exiting 0" in attempt0()[0].read_text()  # EXIT_REQUEUED after a successful scontrol requeue
     assert list(log_dir.glob(f"log-*_{first}_1.out"))  # the second attempt (SLURM_RESTART_COUNT=1)
+
+
+@needs_slurm
+def test_real_toy_stage_through_slurm_runs_in_the_submitting_environment(mini_world, tmp_path):
+    """`s2d run PLAN --executor slurm launch.slurm.gpus_per_node=0` with no environment hacks: the sbatch job runs the
+    interpreter that ran s2d (not a bare `python` from the node's PATH, which has no megatron_s2d), a real stage trains
+    to COMPLETE, and the report job runs after it."""
+    from tests.functional.conftest import mini_plan, s2d, write_plan
+
+    run = tmp_path / "run"
+    plan = mini_plan(mini_world, run, [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H", "eval": False}],
+                     eval={"k": 2, "max_new_tokens": 8, "include_base": False})
+    plan["launch"] = {"executor": "slurm", "nodes": 1, "procs_per_node": 1,
+                      "slurm": {"time": "00:10:00", "gpus_per_node": 0, "exclusive": False,
+                                "job_dir": str(tmp_path / "jobs")}}
+    path = write_plan(tmp_path / "plan.yaml", plan)
+    dry = s2d("run", path, "--dry-run")
+    assert f"SLURM jobs run {os.sys.executable} (the interpreter running s2d" in dry.stdout
+    sub = s2d("run", path, "--executor", "slurm", "launch.slurm.gpus_per_node=0")
+    assert "submitted 2 SLURM job(s): teacher_rl, report" in sub.stdout
+    _wait(lambda: (run / "report" / "report.md").is_file(), 300, "the stage and the report job")
+    assert (run / "stages" / "teacher_rl" / "COMPLETE").is_file()
+    lineage = json.loads((run / "stages" / "teacher_rl" / "lineage.json").read_text())
+    assert Path(lineage["final_checkpoint"]).is_dir() and lineage["steps"] == 2
+    assert "| teacher_rl |" in (run / "report" / "report.md").read_text()

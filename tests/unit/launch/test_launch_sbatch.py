@@ -60,3 +60,29 @@ def test_first_stage_and_report(rendered):
     assert "#SBATCH --dependency='afterok:<teacher_rl>:<opd>'" in r
     assert "#SBATCH --nodes=1\n" in r and "--gpus-per-node" not in r and "--signal" not in r
     assert f"python -m megatron_s2d.run.report_entry --run-dir {plan.run_dir}" in r
+
+
+def test_job_interpreter_is_the_submitting_environments(tmp_path):
+    """Without a container the job runs the interpreter that ran s2d (absolute: its venv), not `python` from the
+    compute node's PATH; the profile can set one; with an ssh tunnel it must (the local one is not on the cluster)."""
+    import sys
+
+    from megatron_s2d.errors import S2DError
+    from megatron_s2d.launch.slurm import job_environment
+
+    hf = write_hf(tmp_path / "m")
+    plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf))
+    planned = launch_plan(plan, str(tmp_path / "run" / "plan.resolved.yaml"), executor="slurm", dry_run=True,
+                          out=io.StringIO())
+    script = open(planned.scripts["opd"]).read()
+    assert f"{sys.executable} -m megatron_s2d.launch.agent" in script
+    assert f"# interpreter: {sys.executable} (the interpreter running s2d" in script
+    plan.launch.slurm.python = "/opt/venvs/s2d/bin/python"
+    assert job_environment(plan)[0] == "/opt/venvs/s2d/bin/python"
+    plan.launch.slurm.python = "venv/bin/python"
+    with pytest.raises(S2DError, match="must be an absolute path"):
+        job_environment(plan)
+    plan.launch.slurm.python = None
+    plan.launch.slurm.tunnel, plan.launch.slurm.host, plan.launch.slurm.user = "ssh", "login", "me"
+    with pytest.raises(S2DError, match="launch.slurm.python is required with an ssh tunnel"):
+        job_environment(plan)
