@@ -3,7 +3,7 @@
     python benchmarks/reward_scoring.py [--n 500] [--workers N] [--adversarial-frac 0.01] [--timeout 1.0]
 
 The batch mixes what GRPO rollouts look like: correct and wrong boxed answers in many LaTeX forms, plain integers
-(AIME-style, decided in-process), responses without a box (fallback extraction), no answer at all, and a small
+(AIME-style), responses without a box (math-verify's extraction), no answer at all, and a small
 fraction of adversarial answers that need the deadline (huge powers/factorials). Prints problems/s for a clean
 batch and for the mixed one, and the outcome counts. No asserts: this reports figures.
 """
@@ -74,7 +74,7 @@ def _report(label: str, responses: list[str], golds: list[str], timeout: float, 
     counts = ", ".join(f"{k}={v}" for k, v in s.outcomes.items() if v)
     print(
         f"{label:<28} n={s.n:5d}  wall={s.wall_s:7.3f} s  {s.problems_per_s:8.1f} problems/s  "
-        f"distinct={n_pairs} fast_path={s.n_fast_path} worker={s.n_worker}  [{counts}]"
+        f"distinct={n_pairs} worker={s.n_worker}  [{counts}]"
     )
 
 

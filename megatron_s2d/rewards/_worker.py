@@ -1,10 +1,17 @@
-"""Reward worker process: compares one extracted answer with one gold answer using math-verify.
+"""Reward worker process: grades one response against one gold answer with math-verify's own extraction.
 
-Runs inside a child process started by `pool.VerifierPool` (forkserver or spawn). Protocol over a duplex
-`multiprocessing` connection:
-  worker -> parent: ("ready", pid) once math-verify is imported;
-  parent -> worker: (task_id, pred_text, gold_text, soft_timeout_s), or None to exit;
+Started by `pool.VerifierPool` as ``python -m megatron_s2d.rewards._worker FD`` (a fresh interpreter: nothing of
+the caller's ``__main__`` is imported, so any script can score, with or without an ``if __name__ == "__main__":``
+guard). Protocol over the duplex `multiprocessing.connection.Connection` on socket FD:
+  worker -> parent: ("ready", pid) once math-verify is imported and warmed up;
+  parent -> worker: (task_id, response_text, gold_text, soft_timeout_s), or None to exit;
   worker -> parent: (task_id, score, status) with status in {"ok", "no_parse", "soft_timeout", "error"}.
+
+Grading is math-verify's, as its docs and lighteval's MATH / AIME metrics use it: the response is parsed with
+``[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]`` (boxed answers first, all boxes of the
+response together; then "final answer is $X$" anchors; then the last LaTeX expression / number), the gold (wrapped
+in ``\boxed{}``) with ``LatexExtractionConfig(boxed_match_priority=0)``, and ``verify(gold, prediction)``
+compares them (numbers, fractions, sets, intervals, equations vs values, percentages, units).
 
 Two time limits protect the parent: a soft one here (`setitimer` raising a BaseException, which math-verify's own
 `except Exception` handlers cannot swallow) lets the worker survive a slow pure-Python comparison; the parent's hard
@@ -47,40 +54,37 @@ def _limit_memory() -> None:
 def _configs():
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
-    return (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-
-
-def _parse(text: str):
-    from math_verify import parse
-
-    # The text is wrapped in \boxed{} so that the LaTeX extractor takes exactly this expression.
-    return parse("\\boxed{" + text + "}", extraction_config=_configs(), parsing_timeout=None)
+    prediction = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+    gold = (LatexExtractionConfig(boxed_match_priority=0),)
+    return prediction, gold
 
 
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(text: str):
     # Golds repeat across the samples of a GRPO group: parse each once per worker.
-    return _parse(text)
+    from math_verify import parse
+
+    return parse("\\boxed{" + text + "}", extraction_config=_configs()[1], parsing_timeout=None)
 
 
-def compare(pred_text: str, gold_text: str) -> tuple[float, str]:
-    """(1.0 or 0.0, status) for one prediction vs one gold, both bare expressions (no `\\boxed`, no `$`)."""
-    from math_verify import verify
+def compare(response: str, gold_text: str) -> tuple[float, str]:
+    """(1.0 or 0.0, status) for one response (its tail) vs one gold answer (a bare expression)."""
+    from math_verify import parse, verify
 
     gold = _parse_gold(gold_text)
-    pred = _parse(pred_text)
+    pred = parse(response, extraction_config=_configs()[0], parsing_timeout=None)
     if not gold or not pred:
         return 0.0, "no_parse"
     return (1.0 if verify(gold, pred, timeout_seconds=None) else 0.0), "ok"
 
 
 _WARM_UP_PAIRS = (
-    ("\\frac{1}{2}", "0.5"),
-    ("x=3", "3"),
-    ("2\\sqrt{2}", "\\sqrt{8}"),
-    ("(1,2)", "[1,2]"),
-    ("10\\%", "\\text{ten}"),
-    ("a+b", "\\pi"),
+    ("so \\boxed{\\frac{1}{2}}", "0.5"),
+    ("The final answer is $x=3$.", "3"),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"),
+    ("\\boxed{(1,2)}", "[1,2]"),
+    ("\\boxed{10\\%}", "\\text{ten}"),
+    ("$a+b$", "\\pi"),
 )
 _warmed_up = False
 
@@ -127,6 +131,24 @@ def _serve(conn) -> None:
             return
 
 
+def _parent_watch() -> None:
+    """Exit when the parent is gone even if it could not close our socket (a SIGKILLed parent does close it; this
+    is the belt to those braces): the worker runs in a session of its own, so no signal reaches it with the parent's."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        import time
+
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def worker_main(conn) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent, which kills workers
@@ -138,3 +160,11 @@ def worker_main(conn) -> None:
     except (EOFError, OSError, BrokenPipeError):
         return
     _serve(conn)
+
+
+if __name__ == "__main__":  # python -m megatron_s2d.rewards._worker FD
+    import sys
+    from multiprocessing.connection import Connection
+
+    _parent_watch()
+    worker_main(Connection(int(sys.argv[1])))

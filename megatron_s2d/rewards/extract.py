@@ -1,9 +1,12 @@
-"""Final-answer extraction from a model response, plus the cheap pre-checks run before any parser.
+"""Cheap pre-checks on a response before any parser sees it, and a cheap final-answer guess they use.
+
+The grade itself comes from math-verify's own extraction, in a worker (`_worker.compare`); what is here only decides
+which responses are too dangerous to hand to a parser at all (`precheck_response`).
 
 Everything here is pure Python on bounded strings (no sympy, no math-verify), so it cannot hang and runs in the
 calling process. The expensive, hang-prone comparison lives in `_worker.py` behind a killable process pool.
 
-Extraction rule (`extract_answer`), applied to the last `RESPONSE_TAIL_CHARS` characters of the response only:
+The guess (`extract_answer`), applied to the last `RESPONSE_TAIL_CHARS` characters of the response only:
 1. If the tail contains a `\\boxed` or `\\fbox` command, the answer is the content of the LAST top-level one
    (balanced braces; `\\{`/`\\}` escapes do not count; `\\boxed 5` without braces takes the next token).
    If that last box is unbalanced (e.g. a truncated response) there is NO answer: we do not fall back to an earlier
@@ -23,7 +26,6 @@ fullwidth digits and Cyrillic/Greek look-alikes of Latin letters) is scored 0 wi
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
 
 RESPONSE_TAIL_CHARS = 4096
 """Only the last this-many characters of a response are searched for the final answer."""
@@ -42,7 +44,6 @@ _UNICODE_SPACES = dict.fromkeys(map(ord, "\u00a0\u2009\u200a\u202f\u2002\u2003\u
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_ANCHOR = re.compile(r"answer\s*(?:is\b|:)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?", re.ASCII)
-_INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
 
 
 def _match_brace_group(text: str, start: int) -> int | None:
@@ -179,17 +180,50 @@ def gold_answer_text(gold: str) -> str:
     return normalize_answer_text(text)
 
 
-def fast_compare(pred: str, gold: str) -> float | None:
-    """Decide without the parser when that is exact: identical text, or both plain integers.
+def all_boxed(text: str) -> list[str]:
+    """Contents of every balanced top-level `\\boxed{}` / `\\fbox{}` of `text`, in order."""
+    out, pos = [], 0
+    while True:
+        m = _BOX_COMMAND.search(text, pos)
+        if m is None:
+            return out
+        content, pos = _parse_box_at(text, m.end())
+        if content is not None:
+            out.append(content)
 
-    Returns 1.0/0.0, or None when the parser must decide. Identical normalised text is always equal; two plain
-    integers (optional sign, leading zeros allowed) compare as integers, which is what math-verify does for them.
-    """
-    if pred == gold:
-        return 1.0
-    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(gold):
-        try:
-            return 1.0 if Decimal(pred) == Decimal(gold) else 0.0
-        except InvalidOperation:  # pragma: no cover - the regex admits only valid integers
-            return None
+
+def precheck_response(tail: str) -> str | None:
+    """Reason a response tail is rejected before any parser sees it, or None. The tail's `{}` nesting is bounded;
+    every boxed answer, and the cheap final-answer guess of `extract_answer`, must pass `precheck_answer` (length,
+    nesting, look-alike characters): those are the spans math-verify's extraction reads first."""
+    if brace_depth(tail) > MAX_BRACE_DEPTH:
+        return f"brace nesting deeper than {MAX_BRACE_DEPTH}"
+    guess = extract_answer(tail)
+    for span in all_boxed(tail) + ([guess] if guess else []):
+        reason = precheck_answer(span)
+        if reason is not None:
+            return reason
     return None
+
+
+def response_tail(response: str) -> str:
+    """The part of a response that is graded: its last `RESPONSE_TAIL_CHARS` characters, starting after the last
+    `}` that closes a group opened before them (so the tail never begins inside a brace group: the cut-off middle of
+    a giant expression is not read as an answer; a normal final answer after it is kept whole)."""
+    tail = response[-RESPONSE_TAIL_CHARS:]
+    if len(tail) == len(response):
+        return tail
+    depth, cut, i = 0, 0, 0
+    while i < len(tail):
+        ch = tail[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:  # closes a group that opened before the tail
+                depth, cut = 0, i + 1
+        i += 1
+    return tail[cut:]

@@ -5,13 +5,20 @@
     >>> score_batch(["\\boxed{3}", "The answer is 4."], ["3", "5"])
     [1.0, 0.0]
 
-Pipeline per response (the paper uses math-verify; the extraction and limits below are ours):
-1. `extract.extract_answer`: last `\\boxed{}`/`\\fbox{}` in the last 4096 chars, else "answer is X"/"Answer: X",
-   else the last number of the final line (see `extract.py` for the exact rule). None / non-str / empty -> 0.
-2. `extract.precheck_answer`: over-long, too deeply nested, or look-alike unicode answers -> 0 without parsing.
-3. `extract.fast_compare`: identical normalised text or two plain integers are decided in-process.
-4. Otherwise math-verify `parse` + `verify` in a worker process with a hard deadline of `timeout_s` per response
-   (`pool.VerifierPool`): a worker that overruns is killed and replaced, and the response scores 0.
+Pipeline per response (the grading itself is math-verify's, as the paper scores; the limits are ours):
+1. None / non-str / empty -> 0 ("no_answer"). Only the response's tail is graded (`extract.response_tail`: the last
+   `RESPONSE_TAIL_CHARS` characters, not starting inside a brace group; the final answer is at the end, and a runaway
+   response does not reach the parser whole).
+2. `extract.precheck_response`: the tail's `{}` nesting, and every `\\boxed{}` content (and our cheap guess of the final
+   answer) for over-long or look-alike-unicode answers -> 0 ("rejected") without parsing.
+3. In a worker process with a hard deadline of `timeout_s` per response (`pool.VerifierPool`): math-verify's own
+   extraction and comparison, ``verify(parse(gold), parse(response))`` with its LaTeX and expression extraction
+   configs, boxed answers first (`_worker.compare`). It reads several `\\boxed{}` as one answer set, "The final answer
+   is $X$", the last LaTeX expression without a box, sets, intervals, equations (``x = 3`` vs ``3``), percentages.
+   A worker that overruns is killed and replaced, and the response scores 0 ("timeout").
+Identical (response tail, gold) pairs of a batch are graded once. There is no in-process fast path: any shortcut
+that differs from math-verify on one answer form is a grader disagreement (tests/unit/rewards/test_grader_agrees.py
+checks a table of forms against math-verify itself).
 Gold answers are trusted dataset labels: they must be non-empty strings (ints are accepted and converted);
 a `\\boxed{}` or `$...$` around a gold is removed.
 """
@@ -23,13 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from megatron_s2d.errors import S2DError
-from megatron_s2d.rewards.extract import (
-    extract_answer,
-    fast_compare,
-    gold_answer_text,
-    normalize_answer_text,
-    precheck_answer,
-)
+from megatron_s2d.rewards.extract import gold_answer_text, precheck_response, response_tail
 from megatron_s2d.rewards.pool import get_pool
 
 OUTCOMES = ("correct", "wrong", "no_answer", "rejected", "no_parse", "timeout", "crashed", "error")
@@ -41,8 +42,6 @@ class RewardStats:
 
     n: int = 0
     wall_s: float = 0.0
-    n_fast_path: int = 0
-    """Decided in-process (exact text or plain integers), without a worker."""
     n_worker: int = 0
     """Decided by a worker process (identical (answer, gold) pairs within a batch share one worker call)."""
     outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
@@ -105,27 +104,21 @@ def score_batch_with_stats(
     to_worker: list[int] = []
     tasks: list[tuple[str, str]] = []
     for i, (response, gold) in enumerate(zip(responses, gold_texts)):
-        answer = extract_answer(response)
-        if answer is None:
+        if not isinstance(response, str) or not response.strip():
             continue
-        if precheck_answer(answer) is not None:
+        tail = response_tail(response)
+        if not tail.strip():
+            continue
+        if precheck_response(tail) is not None:
             outcomes[i] = "rejected"
             continue
-        pred = normalize_answer_text(answer)
-        if not pred:
-            continue
-        decided = fast_compare(pred, gold)
-        if decided is not None:
-            stats.n_fast_path += 1
-            scores[i], outcomes[i] = decided, "correct" if decided == 1.0 else "wrong"
-            continue
         to_worker.append(i)
-        tasks.append((pred, gold))
+        tasks.append((tail, gold))
     if tasks:
         n_workers = default_workers() if workers is None else workers
         if n_workers < 1:
             raise S2DError(f"score_batch: workers must be >= 1, got {workers}")
-        # Samples of one GRPO group often share an answer: send each distinct (pred, gold) pair once.
+        # Samples of one GRPO group may repeat a response: send each distinct (response, gold) pair once.
         unique = list(dict.fromkeys(tasks))
         by_pair = dict(zip(unique, get_pool().run(unique, timeout_s, n_workers)))
         for i, pair in zip(to_worker, tasks):
@@ -133,6 +126,8 @@ def score_batch_with_stats(
             scores[i] = res.score
             if res.status == "ok":
                 outcomes[i] = "correct" if res.score == 1.0 else "wrong"
+            elif res.status == "no_parse":
+                outcomes[i] = "no_answer"
             elif res.status == "soft_timeout":
                 outcomes[i] = "timeout"
             else:

@@ -5,9 +5,13 @@ spin inside C code (huge integer powers, factorials) where no Python signal hand
 input cannot defeat is killing the process. Here every worker has its own pipe; a task that is not answered
 `timeout_s` after it was sent gets its worker SIGKILLed and replaced, and scores 0.
 
-Workers start with the `forkserver` method where the platform has it (the forkserver preloads math-verify once, so
-a replacement is a cheap fork) and `spawn` otherwise; never plain `fork`, which is unsafe in a process that already
-runs threads (torch, CUDA). Consequence for scripts: guard them with `if __name__ == "__main__":`.
+Each worker is a fresh interpreter, ``python -m megatron_s2d.rewards._worker FD``, talking over a socket pair: never
+plain `fork` (unsafe in a process that already runs threads: torch, CUDA), and not `multiprocessing`'s spawn or
+forkserver either, whose children re-import the caller's ``__main__`` (a script without an
+``if __name__ == "__main__":`` guard then died with "reward worker exited during start-up"). A worker starts in
+~1 s (interpreter + math-verify + warm-up; measured in ``benchmarks/RESULTS.md``), runs in a session of its own
+(the SIGUSR1 SLURM sends the trainer's process group before the time limit does not reach it), and exits when the
+parent goes away (its socket closes).
 The pool is created lazily, grows to the requested number of workers, is module-global (`get_pool`), recreated
 after a `fork` of the parent, and shut down at interpreter exit.
 """
@@ -15,7 +19,6 @@ after a `fork` of the parent, and shut down at interpreter exit.
 from __future__ import annotations
 
 import atexit
-import multiprocessing as mp
 import os
 import threading
 import time
@@ -29,7 +32,6 @@ WORKER_START_TIMEOUT_S = 120.0
 SOFT_TIMEOUT_FRACTION = 0.8
 """The worker interrupts itself at this fraction of the deadline, which saves a process restart when it can."""
 _WORKER_MODULE = "megatron_s2d.rewards._worker"
-_PRELOAD_MODULE = "megatron_s2d.rewards._preload"
 
 
 @dataclass
@@ -39,23 +41,34 @@ class TaskResult:
 
 
 class _Worker:
-    def __init__(self, ctx) -> None:
-        from megatron_s2d.rewards._worker import worker_main
+    def __init__(self) -> None:
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
 
-        self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=worker_main, args=(child_conn,), daemon=True, name="s2d-reward-worker")
-        self.proc.start()
-        child_conn.close()
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-m", _WORKER_MODULE, str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        self.conn = Connection(ours.detach())
         self.started_at = time.monotonic()
         self.ready = False
         self.task: tuple[int, int] | None = None  # (run id, index in that run's task list)
         self.deadline = 0.0
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.poll()
+
     def kill(self) -> None:
         try:
-            if self.proc.is_alive():
+            if self.alive():
                 self.proc.kill()
-            self.proc.join(timeout=5.0)
+            self.proc.wait(timeout=5.0)
         except (OSError, ValueError):
             pass
         self.conn.close()
@@ -63,20 +76,10 @@ class _Worker:
     def stop(self) -> None:
         try:
             self.conn.send(None)
-            self.proc.join(timeout=1.0)
-        except (OSError, ValueError, BrokenPipeError):
+            self.proc.wait(timeout=1.0)
+        except Exception:  # noqa: BLE001 - already gone, pipe closed, or slow to exit: killed below
             pass
         self.kill()
-
-
-def _context():
-    methods = mp.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = mp.get_context("forkserver")
-        # Only effective before the (process-global) forkserver starts; harmless for other forkserver users.
-        ctx.set_forkserver_preload([_PRELOAD_MODULE])
-        return ctx
-    return mp.get_context("spawn")
 
 
 class VerifierPool:
@@ -84,7 +87,6 @@ class VerifierPool:
     `run` is serialised by a lock."""
 
     def __init__(self) -> None:
-        self._ctx = _context()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self.pid = os.getpid()
@@ -97,7 +99,7 @@ class VerifierPool:
         return len(self._workers)
 
     def _start_worker(self) -> _Worker:
-        w = _Worker(self._ctx)
+        w = _Worker()
         self.n_started += 1
         return w
 
@@ -133,7 +135,7 @@ class VerifierPool:
             while pending or any(w.task is not None for w in self._workers):
                 for w in self._workers:
                     if w.ready and w.task is None and pending:
-                        if not w.proc.is_alive():  # died while idle (OOM killer, ...): never hand it a task
+                        if not w.alive():  # died while idle (OOM killer, ...): never hand it a task
                             self._replace(w)
                             continue
                         i = pending.pop()
@@ -179,7 +181,7 @@ class VerifierPool:
     def _on_death(self, w: _Worker, results) -> None:
         if not w.ready:
             raise S2DError(
-                f"reward worker exited during start-up (exit code {w.proc.exitcode}); check that "
+                f"reward worker exited during start-up (exit code {w.exitcode}); check that "
                 f"'{_WORKER_MODULE}' and math_verify import in a fresh interpreter"
             )
         if w.task is not None:

@@ -52,7 +52,7 @@ def test_correctness_batch_order_preserved():
     assert res.stats.n == len(CORRECTNESS)
     assert res.stats.n_correct == sum(expected)
     assert res.stats.outcomes["no_answer"] == 1
-    assert res.stats.n_fast_path >= 2  # "042" vs "42", "42" vs "42"
+    assert res.stats.n_worker == len(CORRECTNESS)  # every non-empty response is graded by math-verify
 
 
 def test_reverse_order_gives_reversed_scores():
@@ -113,7 +113,7 @@ def test_worker_dead_while_idle_is_replaced():
     pool.warm_up(2)
     victim = pool._workers[0].proc
     victim.kill()
-    victim.join(5)
+    victim.wait(5)
     scores = score_batch(["\\boxed{0.25}", "\\boxed{\\frac14}"], ["\\frac{1}{4}", "0.25"], timeout_s=LEGIT_TIMEOUT_S)
     assert scores == [1.0, 1.0]
 
