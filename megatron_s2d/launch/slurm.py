@@ -15,20 +15,27 @@ Every stage job is one ``sbatch`` (NeMo-Run's ``slurm.sh.j2``) with
 
 The interpreter (:func:`job_environment`): without a container image the job runs the interpreter that ran ``s2d``
 (``sys.executable``, an absolute path: the virtual environment megatron-s2d is installed in, the usual set-up on a
-bare-metal cluster with a shared filesystem), or ``launch.slurm.python`` when the cluster profile sets one; a bare
-``python`` would be whatever the compute node's PATH finds, without megatron-s2d. With a container image it is the
-container's ``python`` unless the profile sets one. The code is not shipped by NeMo-Run (``run.Packager()``): the
-interpreter must import megatron-s2d (an install or editable install on the shared filesystem, or ``PYTHONPATH`` in
-``launch.slurm.env``); the dry run prints which interpreter and which code folder the jobs will use.
+bare-metal cluster with a shared filesystem), or ``launch.slurm.python`` when the cluster profile sets one (required
+with an ssh tunnel: the local interpreter is not on the cluster); a bare ``python`` would be whatever the compute
+node's PATH finds, without megatron-s2d. With a container image it is the container's ``python`` unless the profile
+sets one. The code is not shipped by NeMo-Run (``run.Packager()``): the interpreter must import megatron-s2d (an
+install or editable install on the shared filesystem, or ``PYTHONPATH`` in ``launch.slurm.env``). With a local tunnel
+and no container, the launcher checks that before anything is submitted (it runs the interpreter in the job's
+environment); the dry run and the rendered sbatch header say which interpreter and which code folder the jobs use.
 ``run_dir`` must be on a filesystem every node sees, at the same path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -64,24 +71,89 @@ def no_stdin() -> Iterator[None]:
             sys.stdin = saved
 
 
+_PROBE = ("import os, megatron_s2d; "
+          "print(os.path.dirname(os.path.dirname(os.path.realpath(megatron_s2d.__file__))))")
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """``$VAR`` / ``${VAR}`` expanded like the job's ``export KEY=VALUE`` lines would (unset: empty)."""
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))", lambda m: env.get(m.group(1) or m.group(2), ""), value)
+
+
+def job_env_vars(s: SlurmConfig) -> dict[str, str]:
+    """The environment a job without a container runs in: sbatch exports the submitting one (``s2d``'s) and srun
+    passes it on; the script then exports :data:`DEFAULT_ENV` and ``launch.slurm.env`` in that order."""
+    env = dict(os.environ)
+    for key, value in {**DEFAULT_ENV, **s.env}.items():
+        env[key] = _expand(str(value), env)
+    return env
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_import(interp: str, env_items: tuple[tuple[str, str], ...]) -> tuple[str | None, str]:
+    """(folder ``megatron_s2d`` is imported from, why not) for ``interp`` run like a job: that environment and an empty
+    working directory (the job's is NeMo-Run's empty ``code`` folder, so a checkout in the cwd does not count)."""
+    with tempfile.TemporaryDirectory(prefix="s2d_probe_") as cwd:
+        try:
+            proc = subprocess.run([interp, "-c", _PROBE], cwd=cwd, env=dict(env_items), capture_output=True,
+                                  text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            return None, ""  # could not tell (a very slow filesystem): not an error
+        except OSError as e:
+            return None, f"{type(e).__name__}: {e}"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = proc.stderr.strip().splitlines()
+        return None, err[-1] if err else f"exit code {proc.returncode}"
+    return lines[-1], ""
+
+
 def job_environment(plan: PlanConfig) -> tuple[str, str, str]:
-    """(interpreter, code folder, why that interpreter) of the plan's SLURM jobs (see the module docstring)."""
+    """(interpreter, code folder, note) of the plan's SLURM jobs: the interpreter their ``srun`` runs, where it
+    imports ``megatron_s2d`` from, and why that interpreter (see the module docstring). Raises :class:`S2DError` when
+    the jobs could not start: a relative interpreter; with an ssh tunnel and no container, no ``launch.slurm.python``;
+    with a local tunnel and no container (this machine sees the nodes' shared filesystem), an interpreter that does
+    not exist or cannot import megatron_s2d in the job's environment (the job would die at once with
+    ``No module named 'megatron_s2d'``). Inside a container or on a remote cluster nothing can be checked from here."""
     s = plan.launch.slurm
-    code = str(Path(__file__).resolve().parents[2])  # where megatron_s2d is imported from here
+    remote = s.tunnel == "ssh"
     if s.python:
-        interp, why = s.python, "launch.slurm.python"
+        interp, note = s.python, "launch.slurm.python"
         if not os.path.isabs(interp) and interp != "python":
             raise S2DError(f"launch.slurm.python = {interp!r} must be an absolute path (or 'python' for the one on "
                            "the compute node's PATH)")
     elif s.container_image:
-        interp, why = "python", f"the container's ({s.container_image})"
-        code = "the container's (or PYTHONPATH in launch.slurm.env)"
-    elif s.tunnel == "ssh":
+        interp, note = "python", f"the container's, {s.container_image}"
+    elif remote:
         raise S2DError("launch.slurm.python is required with an ssh tunnel and no container image: the interpreter "
                        "that runs s2d here is not on the cluster; set it to the cluster's venv python (absolute path)")
     else:
-        interp, why = sys.executable, "the interpreter running s2d (its virtual environment)"
-    return interp, code, why
+        interp, note = sys.executable, "the interpreter running s2d, i.e. its virtual environment"
+        if not interp or not os.path.isabs(interp):
+            raise S2DError(f"cannot tell which interpreter runs s2d (sys.executable = {interp!r}); set "
+                           "launch.slurm.python to the absolute path of the python the SLURM jobs should run")
+    pythonpath = s.env.get("PYTHONPATH")
+    if s.container_image:
+        return interp, (f"inside the container (not checked here; PYTHONPATH={pythonpath})" if pythonpath else
+                        "inside the container (not checked here)"), note
+    if remote:
+        return interp, "on the cluster (not checked from here)", note
+    env = job_env_vars(s)
+    if interp == "python":
+        found = shutil.which("python", path=env.get("PATH"))
+        note += f"; the PATH s2d exports finds {found}" if found else "; not on the PATH s2d exports"
+    elif not (os.path.isfile(interp) and os.access(interp, os.X_OK)):
+        raise S2DError(f"the SLURM jobs' interpreter {interp} ({note}) does not exist or is not executable")
+    code, err = _probe_import(interp, tuple(sorted(env.items())))
+    if err:
+        raise S2DError(f"the SLURM jobs' interpreter {interp} ({note}) cannot import megatron_s2d in the jobs' "
+                       f"environment ({err}): every job would die at once. Install megatron-s2d into it "
+                       "(pip install -e <checkout>), set launch.slurm.python to one that has it, or put the checkout "
+                       "on PYTHONPATH in launch.slurm.env")
+    if code is None:
+        return interp, "not checked (the interpreter did not answer in 120 s)", note
+    kind = "a source checkout" if (Path(code) / "pyproject.toml").is_file() else "an installed package"
+    return interp, f"{code} ({kind})", note
 
 
 def check_slurm_config(plan: PlanConfig) -> None:
@@ -196,11 +268,11 @@ def render_sbatch(plan: PlanConfig, jobs: list[Job], plan_path: str, out_dir: Pa
         with no_stdin():
             exp.dryrun(log=False, delete_exp_dir=False)
         paths = {}
+        interp, code, why = job_environment(plan)
         for nr_job, job in zip(exp.jobs, jobs):
             ex = nr_job.executor
             rendered = Path(ex.experiment_dir) / f"{ex.job_name}_sbatch.sh"
             deps = f" --dependency=afterok:{':'.join(job.deps)}" if job.deps else ""
-            interp, code, why = job_environment(plan)
             header = (f"# megatron-s2d dry run of job {job.name!r} (plan {plan.name!r}); NeMo-Run submits it as\n"
                       f"#   sbatch --requeue --parsable{deps} <this script>\n"
                       f"# with the parents' real job ids in place of the <stage> placeholders.\n"

@@ -64,9 +64,13 @@ def test_first_stage_and_report(rendered):
 
 def test_job_interpreter_is_the_submitting_environments(tmp_path):
     """Without a container the job runs the interpreter that ran s2d (absolute: its venv), not `python` from the
-    compute node's PATH; the profile can set one; with an ssh tunnel it must (the local one is not on the cluster)."""
+    compute node's PATH, and the launcher checks that it imports megatron_s2d in the job's environment (from an empty
+    working directory) before submitting; the profile can set another one; with an ssh tunnel it must."""
+    import os
     import sys
+    from pathlib import Path
 
+    import megatron_s2d
     from megatron_s2d.errors import S2DError
     from megatron_s2d.launch.slurm import job_environment
 
@@ -77,12 +81,42 @@ def test_job_interpreter_is_the_submitting_environments(tmp_path):
     script = open(planned.scripts["opd"]).read()
     assert f"{sys.executable} -m megatron_s2d.launch.agent" in script
     assert f"# interpreter: {sys.executable} (the interpreter running s2d" in script
-    plan.launch.slurm.python = "/opt/venvs/s2d/bin/python"
-    assert job_environment(plan)[0] == "/opt/venvs/s2d/bin/python"
+    checkout = str(Path(megatron_s2d.__file__).resolve().parents[1])  # this environment's megatron_s2d
+    interp, code, note = job_environment(plan)
+    assert interp == sys.executable and code.startswith(checkout) and "interpreter running s2d" in note
+    assert f"megatron-s2d code: {code}\n" in script
+
+    no_s2d = tmp_path / "bin" / "python"  # an interpreter without megatron_s2d (the bug: the node's bare python)
+    no_s2d.parent.mkdir()
+    no_s2d.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'megatron_s2d'\" >&2\nexit 1\n")
+    no_s2d.chmod(0o755)
+    plan.launch.slurm.python = str(no_s2d)
+    with pytest.raises(S2DError, match="cannot import megatron_s2d .*No module named 'megatron_s2d'.*would die"):
+        job_environment(plan)
+    plan.launch.slurm.python = str(tmp_path / "nowhere" / "python")
+    with pytest.raises(S2DError, match="does not exist or is not executable"):
+        job_environment(plan)
     plan.launch.slurm.python = "venv/bin/python"
     with pytest.raises(S2DError, match="must be an absolute path"):
         job_environment(plan)
+
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if sys.prefix != sys.base_prefix and base.is_file():  # the venv's base interpreter: megatron_s2d via PYTHONPATH
+        plan.launch.slurm.python = str(base)
+        plan.launch.slurm.env = {"PYTHONPATH": f"{checkout}:$PYTHONPATH"}
+        interp, code, note = job_environment(plan)
+        assert (interp, note) == (str(base), "launch.slurm.python") and code.startswith(f"{checkout} (")
+        plan.launch.slurm.env = {}
+        if not os.environ.get("PYTHONPATH"):
+            with pytest.raises(S2DError, match="No module named 'megatron_s2d'"):
+                job_environment(plan)
+
     plan.launch.slurm.python = None
+    plan.launch.slurm.container_image = "/images/s2d.sqsh"
+    assert job_environment(plan)[0] == "python"  # the container's; nothing checked here
+    plan.launch.slurm.container_image = None
     plan.launch.slurm.tunnel, plan.launch.slurm.host, plan.launch.slurm.user = "ssh", "login", "me"
     with pytest.raises(S2DError, match="launch.slurm.python is required with an ssh tunnel"):
         job_environment(plan)
+    plan.launch.slurm.python = "/cluster/venvs/s2d/bin/python"  # a cluster path: not checked from here
+    assert job_environment(plan)[:2] == ("/cluster/venvs/s2d/bin/python", "on the cluster (not checked from here)")
