@@ -77,13 +77,17 @@ def load_rng_state(prefix: Path) -> dict:
     try:
         meta = json.loads(js.read_text())
         tensors = load_file(str(st))
-    except (json.JSONDecodeError, OSError, ValueError, RuntimeError) as e:
-        raise S2DError(f"{prefix}: unreadable RNG state ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise S2DError(f"{js}: field 'format' = {meta.get('format')!r}, expected {FORMAT!r}")
-    version, internal, py_gauss = meta["python"]
-    kind, pos, has_gauss, gauss = meta["numpy"]
-    return {"torch": tensors["torch"], "cuda": tensors.get("cuda"),
-            "python": (version, tuple(internal), py_gauss),
-            "numpy": (kind, tensors["numpy.keys"].numpy().view(np.uint32), pos, has_gauss, gauss),
-            "tracker": {name: tensors[f"tracker.{name}"] for name in meta["tracker"]}}
+    except Exception as e:  # noqa: BLE001 - json, OS and safetensors errors alike: not a state this version wrote
+        raise S2DError(f"{prefix}: unreadable RNG state ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise S2DError(f"{js}: field 'format' = {got!r}, expected {FORMAT!r}")
+    try:
+        version, internal, py_gauss = meta["python"]
+        kind, pos, has_gauss, gauss = meta["numpy"]
+        return {"torch": tensors["torch"], "cuda": tensors.get("cuda"),
+                "python": (version, tuple(internal), py_gauss),
+                "numpy": (kind, tensors["numpy.keys"].numpy().view(np.uint32), pos, has_gauss, gauss),
+                "tracker": {name: tensors[f"tracker.{name}"] for name in meta["tracker"]}}
+    except (KeyError, TypeError, ValueError) as e:
+        raise S2DError(f"{prefix}: malformed RNG state ({type(e).__name__}: {e})") from e

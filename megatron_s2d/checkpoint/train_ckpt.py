@@ -13,9 +13,11 @@ checkpoint is also a model checkpoint that the next stage loads and ``s2d conver
 
 Atomic: everything is written into ``step_000004.tmp`` and renamed at the end; ``latest`` (a one-line text file,
 itself replaced atomically) then points at it, and checkpoints beyond the newest ``keep`` are deleted (only once the
-new one is complete). Nothing is loaded with pickle. Resume (:func:`resume_checkpoint`) verifies the newest
-checkpoint against its manifest and, when a file is damaged or missing, says which and falls back to the previous
-complete one; an interrupted ``.tmp`` never counts.
+new one is complete: its manifest pass read every byte back, and every file is in place under its final name).
+Nothing is loaded with pickle by us; the dist-checkpoint parts that torch / megatron unpickle are checked first
+(``checkpoint.safe_load``). Resume (:func:`resume_checkpoint`) verifies the newest checkpoint against its manifest
+and, when a file is damaged or missing, says which, sets the checkpoint aside (``step_N.damaged``) and falls back to
+the previous complete one; an interrupted ``.tmp`` never counts (and is removed at resume).
 """
 
 from __future__ import annotations
@@ -72,19 +74,59 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)), reverse=True)
 
 
-def resume_checkpoint(root: Path, log: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint under ``root`` that is intact (collective: every rank gets the same answer), or None.
+def _from_rank0(obj):
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
-    A damaged checkpoint (a file missing, truncated or changed since its manifest was written) is reported with the
-    file's name and skipped; the previous one is tried. None when there is no intact checkpoint (the stage then
-    starts from its initial weights, and the caller says so)."""
-    for path in complete_checkpoints(root):
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection; no longer counted or resumed from)."""
+    n, dest = 0, path.with_name(path.name + ".damaged")
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, dest)
+    return dest
+
+
+def resume_checkpoint(root: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint under ``root`` that is intact, or None. Collective: call it on every rank (rank 0 lists
+    the folder, the verdicts are gathered), every rank gets the same answer.
+
+    A damaged checkpoint (a file missing, truncated or changed since its manifest was written, or no manifest) is
+    reported with the file's name and the previous one is tried. Damaged checkpoints newer than the one returned
+    are renamed ``step_N.damaged`` (so ``latest``, pruning and the stage's final checkpoint never pick them; delete
+    them once inspected), ``latest`` is pointed at the one returned, and interrupted ``.tmp`` saves are removed.
+    None when no checkpoint is intact: the stage starts over from its initial weights (the caller says so loudly);
+    starting over is always correct (the stage is a pure function of its inputs and seed), it only costs time."""
+    root = Path(root)
+    rank0 = _rank() == 0
+    if rank0 and root.is_dir():
+        for tmp in root.glob("step_*.tmp"):  # an interrupted save (the stage lock says no other job is writing)
+            shutil.rmtree(tmp, ignore_errors=True)
+    candidates = _from_rank0(complete_checkpoints(root) if rank0 else None)
+    chosen, damaged = None, []
+    for path in candidates:
         problems = verify_manifest(path)
         if not problems:
-            return path
+            chosen = path
+            break
+        damaged.append(path)
         log(f"checkpoint {path} is damaged, not resuming from it: {'; '.join(problems[:3])}"
             + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
-    return None
+    if damaged:
+        if rank0:
+            for path in damaged:
+                log(f"set aside as {_set_aside(path)} (delete it once inspected)")
+            if chosen is not None:
+                _atomic_write_text(root / "latest", chosen.name + "\n")
+            else:
+                (root / "latest").unlink(missing_ok=True)
+        _barrier()
+    return chosen
 
 
 def save_train_checkpoint(policy, root: Path, step: int, trainer_state: dict, write_meta, keep: int = 2) -> Path:
@@ -115,15 +157,22 @@ def save_train_checkpoint(policy, root: Path, step: int, trainer_state: dict, wr
         full_state = dict(trainer_state, step=step, scheduler=policy.scheduler.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(full_state, indent=1, default=float))
     _barrier()
-    write_manifest(tmp)  # last: a checkpoint with a manifest was written to the end
+    write_manifest(tmp)  # last: a checkpoint with a manifest was written to the end (and every byte read back)
     _barrier()
     if _rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write_text(root / "latest", final.name + "\n")
-        for old in complete_checkpoints(root)[max(keep, 1):]:
-            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    problems = verify_manifest(final, checksums=False)  # every file in place under its final name (cheap: stat)
+    if _rank() == 0:
+        if problems:
+            print(f"WARNING: checkpoint {final} does not match its manifest right after the save "
+                  f"({'; '.join(problems[:3])}); older checkpoints are kept", flush=True)
+        else:
+            for old in complete_checkpoints(root)[max(keep, 1):]:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
@@ -134,7 +183,10 @@ def load_train_checkpoint(policy, path: Path) -> dict:
 
     path = Path(path)
     from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
+    from megatron_s2d.checkpoint.safe_load import check_dist_checkpoint
 
+    for sub in ("model", "optim"):  # torch / megatron unpickle parts of these: refuse a planted payload first
+        check_dist_checkpoint(path / sub)
     load_model_checkpoint(policy.module, path)
     model_sd = policy.module.sharded_state_dict()
     optim_sd = {"optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=True)}

@@ -5,13 +5,13 @@ from megatron_s2d.config.kinds import KINDS, StageKind, kind_of
 from megatron_s2d.config.loader import apply_overrides, from_dict, load_plan, plan_from_dict, to_dict
 from megatron_s2d.config.schema import (
     ClipConfig, DataConfig, EvalConfig, EvalSetConfig, GRPOConfig, GRPOStageConfig, LaunchConfig, ModelConfig,
-    OPDConfig, OPDStageConfig, OptimConfig, PlanConfig, RolloutConfig, SlurmConfig, SplitConfig, StageBase,
+    OPDConfig, OPDStageConfig, OptimConfig, PlanConfig, RolloutConfig, RolloutCorrectionConfig, SlurmConfig, SplitConfig, StageBase,
     StageConfig, VLLMConfig, WarmupConfig, WarmupStageConfig,
 )
 
 __all__ = [
     "KINDS", "ClipConfig", "DataConfig", "EvalConfig", "EvalSetConfig", "GRPOConfig", "GRPOStageConfig",
-    "LaunchConfig", "ModelConfig", "OPDConfig", "OPDStageConfig", "OptimConfig", "PlanConfig", "RolloutConfig",
+    "LaunchConfig", "ModelConfig", "OPDConfig", "OPDStageConfig", "OptimConfig", "PlanConfig", "RolloutConfig", "RolloutCorrectionConfig",
     "SlurmConfig", "SplitConfig", "StageBase", "StageConfig", "StageKind", "VLLMConfig", "WarmupConfig",
     "WarmupStageConfig", "apply_overrides", "from_dict", "kind_of", "load_plan", "plan_from_dict", "to_dict",
 ]

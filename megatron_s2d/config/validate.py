@@ -17,8 +17,8 @@ from megatron_s2d.config.schema import (
 )
 from megatron_s2d.errors import S2DError
 
-__all__ = ["ancestors", "batch_layout_errors", "layout_errors", "consumes_labels", "generating_model", "generations", "label_ledger",
-           "parents", "resolve_engines", "topo_order", "trained_model", "validate_plan"]
+__all__ = ["ancestors", "batch_layout_errors", "consumes_labels", "engine_for", "generating_model", "label_ledger",
+           "layout_errors", "parents", "topo_order", "trained_model", "validate_plan", "vllm_tp"]
 
 
 def parents(stage: StageBase) -> list[str]:
@@ -71,12 +71,19 @@ def _check_clip(w: str, clip) -> None:
         raise S2DError(f"{w}.clip: eps_low must be in [0, 1) and eps_high >= 0 (got {clip.eps_low}, {clip.eps_high})")
 
 
+def _check_correction(w: str, c) -> None:
+    if not c.tis_cap > 0 or not 0 <= c.low <= 1 <= c.high:
+        raise S2DError(f"{w}.rollout_correction: tis_cap must be > 0 and low <= 1 <= high (got tis_cap {c.tis_cap}, "
+                       f"band [{c.low}, {c.high}])")
+
+
 def _check_kind_fields(s: StageBase, w: str) -> None:
     """Ranges of the fields only one kind has."""
     if isinstance(s, GRPOStageConfig):
         if s.samples_per_prompt < 2:
             raise S2DError(f"{w}.samples_per_prompt = {s.samples_per_prompt}: GRPO needs a group of >= 2 samples")
         _check_clip(w, s.clip)
+        _check_correction(w, s.rollout_correction)
         if not s.grpo.kl_clamp > 0 or s.grpo.kl_beta < 0:
             raise S2DError(f"{w}.grpo: kl_beta must be >= 0 and kl_clamp > 0")
     elif isinstance(s, WarmupStageConfig):
@@ -96,6 +103,10 @@ def _check_kind_fields(s: StageBase, w: str) -> None:
             raise S2DError(f"{w}.opd.task_reward_coef needs samples_per_prompt >= 2 (the task reward enters through "
                            "its advantage within each prompt's group)")
         _check_clip(w, s.clip)
+        _check_correction(w, s.rollout_correction)
+        if s.opd.mode == "topk" and s.rollout_correction.mode != "none":
+            raise S2DError(f"{w}.rollout_correction applies to the policy gradient (opd.mode 'sampled'); the top-k "
+                           "reverse KL of opd.mode 'topk' is not importance-weighted: set rollout_correction.mode: none")
 
 
 def _check_stage(plan: PlanConfig, s: StageBase, where: str) -> None:
@@ -176,39 +187,36 @@ def label_ledger(plan: PlanConfig) -> dict[str, list[str]]:
                             if consumes_labels(by_name[a])}) for s in plan.stages}
 
 
-def resolve_engines(plan: PlanConfig) -> None:
-    """Replace ``rollout.engine: auto`` by the engine that serves the generating model's layout."""
-    for s in plan.stages:
-        if s.rollout.engine == "auto":
-            m = plan.models.get(generating_model(s))
-            s.rollout.engine = "vllm" if m is not None and m.tp == 1 and m.pp == 1 else "megatron"
+def engine_for(rollout, vllm_installed: bool | None = None) -> str:
+    """The engine a stage's rollouts use: 'vllm' or 'megatron' (``auto``: vLLM when installed)."""
+    if rollout.engine != "auto":
+        return rollout.engine
+    if vllm_installed is None:
+        import importlib.util
+
+        vllm_installed = importlib.util.find_spec("vllm") is not None
+    return "vllm" if vllm_installed else "megatron"
 
 
-def generations(plan: PlanConfig) -> list[tuple[str, str, str]]:
-    """Every generation the plan runs: (what, the model role that generates, engine)."""
-    out = []
-    for s in plan.stages:
-        out.append((f"stages.{s.name}.rollout", generating_model(s), s.rollout.engine))
-        if s.eval:
-            out.append((f"stages.{s.name} (final evaluation)", trained_model(s), "megatron"))
-    if plan.eval.include_base:
-        out += [("eval.include_base", "teacher", "megatron"), ("eval.include_base", "student", "megatron")]
-    return out
+def vllm_tp(plan: PlanConfig, stage: StageBase) -> int:
+    """The vLLM tensor-parallel size of a stage's generation (default: the generating model's training tp)."""
+    return stage.rollout.vllm.tp or plan.models[generating_model(stage)].tp
 
 
 def _check_generations(plan: PlanConfig, where: str) -> None:
-    """Refuse at plan time (and in --dry-run) a generation no engine of this release can serve, instead of hours into
-    a SLURM job: vLLM serves models at tp = pp = 1 (one engine per rank); the megatron sampler any TP/PP layout."""
+    """Refuse at plan time (and in --dry-run) what no engine can serve, instead of hours into a SLURM job."""
     if plan.eval.engine == "vllm":
         raise S2DError(f"{where}: eval.engine = 'vllm': evaluation inside a plan runs on the megatron sampler in this "
                        "release; set eval.engine: megatron (run `s2d eval --engine vllm` on an exported checkpoint for "
                        "vLLM evaluation)")
-    for what, role, engine in generations(plan):
-        m = plan.models[role]
-        if engine == "vllm" and (m.tp > 1 or m.pp > 1):
-            raise S2DError(f"{where}: {what} generates with the {role} (tp={m.tp}, pp={m.pp}) on vLLM, which this "
-                           f"release runs only for tp = pp = 1 models; set {what}.engine: megatron (or auto) "
-                           f"or lay the {role} out at tp = pp = 1")
+    world = plan.launch.nodes * plan.launch.procs_per_node
+    for s in plan.stages:
+        if s.rollout.engine == "megatron":
+            continue
+        tp = vllm_tp(plan, s)
+        if tp < 1 or world % tp:
+            raise S2DError(f"{where}: stages.{s.name}.rollout.vllm.tp = {tp} does not divide the world size {world} "
+                           "(vLLM runs world / tp replicas of tp ranks)")
 
 
 def validate_plan(plan: PlanConfig, where: str = "plan") -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from megatron_s2d.config.schema import PlanConfig
 from megatron_s2d.config.kinds import models_of
-from megatron_s2d.config.validate import layout_errors, trained_model
+from megatron_s2d.config.validate import generating_model, layout_errors, trained_model, vllm_tp
 from megatron_s2d.errors import S2DError
 from megatron_s2d.launch.jobs import Job
 from megatron_s2d.launch.memory import (
@@ -89,6 +89,7 @@ class JobCheck:
     layouts: dict[str, tuple[int, int, int]]  # role -> (tp, pp, dp) of each model the job runs
     params: dict[str, int]  # role -> parameter count
     memory: MemoryEstimate
+    generation: str = "-"  # how the job's rollouts are generated, e.g. "vllm t:tp8x2" (role, vLLM tp x replicas)
 
     @property
     def world(self) -> int:
@@ -139,7 +140,20 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
     if not memory.fits:
         errors.append(f"{job.name}: over the per-GPU memory budget: {memory.describe()}; lower "
                       f"micro_batch_tokens, raise tp/pp, enable models.<role>.recompute, or add nodes")
-    return JobCheck(job, nodes, gpn, layouts, params, memory)
+    generation = "-"
+    if stage is not None:
+        role = generating_model(stage)
+        if stage.rollout.engine == "megatron":
+            generation = f"sampler {role[0]}"
+        else:
+            vtp = vllm_tp(plan, stage)
+            try:
+                check_layout(archs[role], vtp, 1, where=f"{job.name}: rollout.vllm (tp={vtp}) of models.{role}")
+            except S2DError as e:
+                errors.append(str(e))
+            engine = "vllm" if stage.rollout.engine == "vllm" else "auto(vllm)"
+            generation = f"{engine} {role[0]}:tp{vtp}x{world // vtp}"
+    return JobCheck(job, nodes, gpn, layouts, params, memory, generation)
 
 
 def check_jobs(plan: PlanConfig, jobs: list[Job]) -> list[JobCheck]:
@@ -166,21 +180,22 @@ def _count(n: int) -> str:
 
 def format_table(checks: list[JobCheck], scripts: dict[str, str]) -> str:
     """One row per job: nodes, GPUs, TP/PP/DP per model, parameters, memory terms (GiB), script path."""
-    head = ("job", "nodes", "gpus", "tp/pp/dp", "params", "weights", "grads+optim", "act", "teacher", "rollout",
-            "total", "budget", "script")
+    head = ("job", "nodes", "gpus", "tp/pp/dp", "params", "generation", "weights", "grads+optim", "act", "teacher",
+            "rollout", "total", "budget", "script")
     rows = [head]
     for c in checks:
         lay = " ".join(f"{r[0]}:{t}/{p}/{d}" for r, (t, p, d) in c.layouts.items())
         par = " ".join(f"{r[0]}:{_count(n)}" for r, n in c.params.items())
         m = c.memory
         name = c.job.name + (" (complete)" if c.job.complete else "")
-        rows.append((name, str(c.nodes), str(c.world), lay, par, f"{m.weights_gib:.1f}",
+        rows.append((name, str(c.nodes), str(c.world), lay, par, c.generation, f"{m.weights_gib:.1f}",
                      f"{m.grads_gib + m.optim_gib:.1f}", f"{m.activations_gib:.1f}", f"{m.teacher_gib:.1f}",
                      f"{m.rollout_gib:.1f}", f"{m.total_gib:.1f}", f"{m.budget_gib:.0f}", scripts.get(c.job.name, "")))
     for name, path in scripts.items():
         if name not in {c.job.name for c in checks}:
-            rows.append((name, "1", "0", "-", "-", "-", "-", "-", "-", "-", "-", "-", path))
+            rows.append((name, "1", "0", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", path))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n(memory in GiB per GPU; tp/pp/dp per model: t = teacher, s = student)"
+    return "\n".join(lines) + ("\n(memory in GiB per GPU; tp/pp/dp per model: t = teacher, s = student; generation: "
+                               "engine, generating model, vLLM tp x replicas, colocated on the job's GPUs)")

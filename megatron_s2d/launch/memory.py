@@ -26,7 +26,8 @@ Transient (one of these phases at a time, so the estimate adds their maximum):
     input (``h`` elements) plus one layer's activations during its backward. Teacher scoring (forward only: one
     layer + the teacher's logits) happens between rollouts and training and is folded into this term as a max.
   * **rollout** (generation phase: stage rollouts and the final evaluation) vLLM holds its own bf16 copy of the
-    generating model's weights (its trainer copy stays resident; vLLM sleeps while training) plus a KV cache sized for
+    generating model's weights, every layer split ``rollout.vllm.tp`` ways (its trainer copy stays resident; vLLM sleeps
+    while the trainer scores and trains, so this and the activations never coexist) plus a KV cache sized for
     :data:`KV_RESERVE_SEQUENCES` full-length sequences (prompt :data:`PROMPT_TOKENS` + ``max_new_tokens``) per engine;
     the megatron sampler reuses the trainer weights and needs only the KV cache. Engines use the generating model's
     TP/PP. This is a *reserve*, not vLLM's appetite: vLLM takes whatever ``gpu_memory_utilization`` allows and runs
@@ -139,11 +140,15 @@ def kv_bytes_per_token(arch: ArchSpec, tp: int, pp: int) -> float:
     return 2 * math.ceil(arch.num_layers / pp) * heads * arch.head_dim * KV_BYTES
 
 
-def engine_bytes(arch: ArchSpec, model: ModelConfig, engine: str, max_new_tokens: int) -> float:
-    """Rollout reserve of one engine generating with ``model``: weight copy (vLLM only) + KV reserve."""
-    kv = kv_bytes_per_token(arch, model.tp, model.pp) * KV_RESERVE_SEQUENCES * (PROMPT_TOKENS + max_new_tokens)
-    weights = params_on_heaviest_stage(arch, model.tp, model.pp) * 2 if engine == "vllm" else 0.0
-    return weights + kv
+def engine_bytes(arch: ArchSpec, model: ModelConfig, engine: str, max_new_tokens: int, vllm_tp: int = 0) -> float:
+    """Rollout reserve of one engine generating with ``model`` on one GPU: the megatron sampler only needs its KV
+    cache (it runs on the trainer's weights, at the model's tp/pp); vLLM (``auto`` counts as vLLM: the job uses it
+    where installed) holds its own bf16 copy of *all* layers split ``vllm_tp`` ways plus a KV cache for all layers."""
+    tokens = KV_RESERVE_SEQUENCES * (PROMPT_TOKENS + max_new_tokens)
+    if engine == "megatron":
+        return kv_bytes_per_token(arch, model.tp, model.pp) * tokens
+    tp = vllm_tp or model.tp
+    return params_on_heaviest_stage(arch, tp, 1) * 2 + kv_bytes_per_token(arch, tp, 1) * tokens
 
 
 def estimate_stage_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec], dp: int) -> MemoryEstimate:
@@ -165,7 +170,8 @@ def estimate_stage_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, A
         teacher = p * wb  # frozen reference policy at the policy's layout
         act = max(act, scoring_bytes(arch, m.tp, tokens, wb))
     gen_role = kind.samples_from
-    rollout = engine_bytes(archs[gen_role], plan.models[gen_role], stage.rollout.engine, stage.rollout.max_new_tokens)
+    rollout = engine_bytes(archs[gen_role], plan.models[gen_role], stage.rollout.engine, stage.rollout.max_new_tokens,
+                           stage.rollout.vllm.tp or 0)
     if stage.eval:
         rollout = max(rollout, engine_bytes(arch, m, plan.eval.engine, plan.eval.max_new_tokens))
     return MemoryEstimate(

@@ -11,6 +11,7 @@ from megatron_s2d.losses.distill import forward_kl_sampled, forward_kl_topk, rev
 from megatron_s2d.losses.kl import sampled_kl
 from megatron_s2d.losses.metrics import finalize_metrics, merge_metrics, metric_reduce_op
 from megatron_s2d.losses.policy_gradient import clipped_pg_loss
+from megatron_s2d.losses.rollout_correction import RolloutCorrection, rollout_is_weights
 from megatron_s2d.losses.sft import sft_loss
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "grpo_advantages",
     "merge_metrics",
     "metric_reduce_op",
+    "RolloutCorrection",
     "opd_token_advantages",
+    "rollout_is_weights",
     "reverse_kl_topk",
     "sampled_kl",
     "sft_loss",

@@ -4,6 +4,7 @@ Per token (PPO, Schulman et al. 2017, eq. 7; GRPO, Shao et al. 2024, eq. 3):
     rho_t = exp(log pi_theta(y_t|s_t) - log pi_old(y_t|s_t))
     l_t   = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)      (eps_low != eps_high: DAPO clip-higher)
           [+ for A_t < 0 with dual_clip_c = c > 1:  l_t = min(l_t, -c A_t)   (dual clip, Ye et al. 2020)]
+          [x w_t, a rollout importance weight (``rollout_correction``), on the clipped term only]
           + kl_beta * min(k3(pi_theta || pi_ref)_t, kl_clamp)                  (optional, GRPO's KL penalty)
 then aggregated with global normalisers (see `_common.LOSS_AGGS`): summing the returned loss over micro-batches
 and data-parallel ranks gives the full-batch objective. NOTE for the caller: data-parallel gradient *averaging*
@@ -41,6 +42,7 @@ def clipped_pg_loss(
     kl_beta: float = 0.0,
     kl_clamp: float | None = 10.0,
     dual_clip_c: float | None = None,
+    is_weights: torch.Tensor | None = None,  # (B, T) detached rollout importance weights (losses.rollout_correction)
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss; returns (scalar loss, metrics). See module docstring and `losses.metrics`.
 
@@ -53,7 +55,7 @@ def clipped_pg_loss(
     """
     check_2d("logprobs", logprobs)
     shape = tuple(logprobs.shape)
-    check_shapes(shape, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs)
+    check_shapes(shape, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs, is_weights=is_weights)
     if advantages.dim() == 1:
         check_shapes(shape[:1], advantages=advantages)
         advantages = advantages[:, None].expand(shape)
@@ -80,6 +82,8 @@ def clipped_pg_loss(
     per_token = torch.maximum(unclipped, clipped)  # (B, T) = -min(rho A, clip(rho) A)
     if dual_clip_c is not None:
         per_token = torch.where(adv < 0, torch.minimum(per_token, -dual_clip_c * adv), per_token)
+    if is_weights is not None:
+        per_token = per_token * zero_masked(is_weights.detach().to(per_token.dtype), mask)
     pg_per_token = per_token
 
     kl = None

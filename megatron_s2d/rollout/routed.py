@@ -1,4 +1,5 @@
-"""Generation by a model in a layout of its own (the teacher writing rollouts for the forward-KL warmup).
+"""Generation in a layout other than the trainer's data parallelism: a model at its own layout (the teacher writing
+the forward-KL warmup's rollouts) or vLLM replicas that span several data-parallel ranks, or only part of one.
 
 The stage's data-parallel ranks each hold their own prompts, but a teacher replica (tp * pp ranks) may span
 several of them, and every rank of a replica must run the same generation (each decode step is a collective).
@@ -79,6 +80,9 @@ class RoutedEngine:
 
     def sync_weights(self, policy) -> dict[str, float]:
         return self.engine.sync_weights(policy)
+
+    def sleep(self) -> None:
+        self.engine.sleep()
 
     def close(self) -> None:
         self.engine.close()

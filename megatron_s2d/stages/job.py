@@ -23,6 +23,7 @@ import time
 
 from megatron_s2d.config import PlanConfig
 from megatron_s2d.config.kinds import kind_of
+from megatron_s2d.config.validate import engine_for, vllm_tp
 from megatron_s2d.data.prompts import encode_prompt
 from megatron_s2d.data.split_store import read_split
 from megatron_s2d.data.sources import load_source
@@ -159,7 +160,10 @@ class StageJob:
         from megatron_s2d.rollout.factory import make_engine
 
         shield = self.preemption.shield_children if self.preemption is not None else contextlib.nullcontext
-        return make_engine(self.stage.rollout.engine, model, ckpt_dir=getattr(model, "checkpoint", self.init_dir),
+        engine = engine_for(self.stage.rollout)
+        self.log(f"rollouts on {engine}" + (f" (vLLM tp={vllm_tp(self.plan, self.stage)}, colocated)"
+                                            if engine == "vllm" else ""))
+        return make_engine(engine, model, ckpt_dir=getattr(model, "checkpoint", self.init_dir),
                            work_dir=self.store.dir, stop_ids=self.assets.stop_ids, pad_id=self.assets.pad_id,
                            vllm=self.stage.rollout.vllm, seed=self.plan.seed, shield=shield)
 

@@ -25,7 +25,7 @@ from megatron_s2d.policy.batch import RolloutBatch
 from megatron_s2d.policy.objectives import PolicyGradientLoss, ReverseKLTopkLoss
 from megatron_s2d.rollout.batch import flatten, to_batch
 from megatron_s2d.stages.counters import StepCounters
-from megatron_s2d.stages.steps import mismatch_metrics, response_tokens, rollout_metrics, sparse_rewards
+from megatron_s2d.stages.steps import correction, mismatch_metrics, response_tokens, rollout_metrics, sparse_rewards
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,12 @@ class SampledOPD:
     eps_high: float
     task_reward_coef: float
     group_size: int
+    correction: object = None  # losses.RolloutCorrection
     topk: int = 0  # the engine records no top-k
 
     def loss(self):
-        return PolicyGradientLoss(temperature=self.temperature, eps_low=self.eps_low, eps_high=self.eps_high)
+        return PolicyGradientLoss(temperature=self.temperature, eps_low=self.eps_low, eps_high=self.eps_high,
+                                  correction=self.correction)
 
     def targets(self, teacher, batch: RolloutBatch, task_reward) -> tuple[RolloutBatch, "object"]:
         teacher_lp = teacher.logprobs(batch, self.temperature)
@@ -70,7 +72,8 @@ def opd_mode(stage):
     if o.mode == "topk":
         return TopkOPD(temperature=temp, topk=o.topk)
     return SampledOPD(temperature=temp, eps_low=stage.clip.eps_low, eps_high=stage.clip.eps_high,
-                      task_reward_coef=o.task_reward_coef, group_size=stage.samples_per_prompt)
+                      task_reward_coef=o.task_reward_coef, group_size=stage.samples_per_prompt,
+                      correction=correction(stage.rollout_correction))
 
 
 def run(job) -> bool:
@@ -86,6 +89,7 @@ def run(job) -> bool:
         t0 = time.perf_counter()
         prompts = job.prompts.step(step, st.prompts_per_step)
         generated = engine.generate(prompts.prompt_ids, job.sampling(prompts, n, topk=mode.topk))
+        engine.sleep()  # frees the engine's GPU memory while the trainer scores and trains (no-op on CPU)
         samples = flatten(generated)
         batch = to_batch(samples, job.assets.pad_id)
         old = policy.logprobs(batch, temp)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_s2d.losses import RolloutCorrection
+
 from megatron_s2d.policy.batch import RolloutBatch
 from megatron_s2d.rewards import score_batch_with_stats
 from megatron_s2d.rollout.base import Sample, generation_metrics
@@ -38,3 +40,10 @@ def mismatch_metrics(batch: RolloutBatch, trainer_logprobs: torch.Tensor) -> dic
 
 def response_tokens(samples: list[Sample]) -> float:
     return float(sum(len(s.response_ids) for s in samples))
+
+
+def correction(cfg) -> RolloutCorrection | None:
+    """The loss's rollout IS correction from the stage's ``rollout_correction`` config (None when off)."""
+    if cfg.mode == "none":
+        return None
+    return RolloutCorrection(mode=cfg.mode, tis_cap=cfg.tis_cap, low=cfg.low, high=cfg.high)

@@ -1,5 +1,5 @@
 """A real plan where the teacher has its own layout (tp=2, or pp=2) next to a tp=1 student on 2 processes: the forward-KL
-warmup's teacher generates for both student data-parallel ranks (routed generation, top-k re-scored at T=1) and
+warmup's teacher generates for both student data-parallel ranks (routed generation, top-k at the rollout T) and
 OPD's teacher scores both ranks' rollouts (routed scoring). Exactness of the routing against one process is
 tests/distributed/test_scorer_layout.py; this checks the stages run it end to end."""
 

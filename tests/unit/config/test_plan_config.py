@@ -119,27 +119,24 @@ def _two_layouts(teacher=None, student=None, **extra):
     return d
 
 
-def test_rollout_engine_auto_follows_the_generating_models_layout(tmp_path):
-    d = _two_layouts(teacher={"tp": 2}, stage_defaults={**BASE["stage_defaults"], "rollout": {"engine": "auto"}})
-    plan = load_plan(_write(tmp_path, d))
-    engines = {s.name: s.rollout.engine for s in plan.stages}
-    # the teacher (tp=2) generates in teacher_rl and in the forward-KL warmup; the student (tp=1) elsewhere
-    assert engines == {"t_rl": "megatron", "fkl": "megatron", "opd": "vllm", "s_rl": "vllm"}
+def test_rollout_engine_auto_is_decided_where_the_job_runs(tmp_path):
+    """auto stays auto in the plan (a login node may lack vLLM that the job's environment has): vLLM for every
+    layout where it imports, the megatron sampler otherwise."""
+    from megatron_s2d.config.validate import engine_for
 
-
-@pytest.mark.parametrize("teacher,rollout,eval_engine,match", [
-    ({"tp": 2}, {"engine": "vllm"}, "megatron", r"stages.t_rl.rollout generates with the teacher \(tp=2, pp=1\) on vLLM"),
-    ({"pp": 2}, {"engine": "vllm"}, "megatron", r"stages.t_rl.rollout generates with the teacher \(tp=1, pp=2\)"),
-    ({}, {"engine": "megatron"}, "vllm", r"eval.engine = 'vllm': evaluation inside a plan runs on the megatron"),
-])
-def test_generation_no_engine_can_serve_is_refused_at_load(tmp_path, teacher, rollout, eval_engine, match):
-    d = _two_layouts(teacher=teacher, stage_defaults={**BASE["stage_defaults"], "rollout": rollout},
-                     eval={"engine": eval_engine})
-    with pytest.raises(S2DError, match=match):
-        load_plan(_write(tmp_path, d))
-
-
-def test_pipeline_parallel_teacher_generates_with_the_megatron_sampler(tmp_path):
     d = _two_layouts(teacher={"tp": 2, "pp": 2}, stage_defaults={**BASE["stage_defaults"], "rollout": {"engine": "auto"}})
     plan = load_plan(_write(tmp_path, d))
-    assert {s.name: s.rollout.engine for s in plan.stages}["t_rl"] == "megatron"
+    assert {s.rollout.engine for s in plan.stages} == {"auto"}
+    rollout = plan.stages[0].rollout
+    assert engine_for(rollout, vllm_installed=True) == "vllm" and engine_for(rollout, vllm_installed=False) == "megatron"
+    rollout.engine = "megatron"
+    assert engine_for(rollout, vllm_installed=True) == "megatron"
+
+
+def test_vllm_serves_every_layout_and_its_tp_must_divide_the_world(tmp_path):
+    d = _two_layouts(teacher={"tp": 2, "pp": 2}, stage_defaults={**BASE["stage_defaults"], "rollout": {"engine": "vllm"}})
+    load_plan(_write(tmp_path, d))  # a TP2 x PP2 teacher generating with vLLM is fine now
+    with pytest.raises(S2DError, match=r"stages.t_rl.rollout.vllm.tp = 3 does not divide the world size 8"):
+        load_plan(_write(tmp_path, d), ["stages.t_rl.rollout.vllm.tp=3"])
+    with pytest.raises(S2DError, match=r"eval.engine = 'vllm'"):
+        load_plan(_write(tmp_path, d), ["eval.engine=vllm"])

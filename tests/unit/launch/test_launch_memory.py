@@ -34,6 +34,7 @@ def test_student_rl_terms_by_hand(setup):
     plan = load(tmp, two_stage_plan(tmp, hf, hf))
     stage = GRPOStageConfig(name="srl", kind="student_rl", split="2H", micro_batch_tokens=1000, eval=False)
     stage.rollout.max_new_tokens = 100
+    stage.rollout.engine = "megatron"
     p = TOTAL / 2  # tp=2
     est = estimate_stage_memory(plan, stage, {"teacher": arch, "student": arch}, dp=4)
     assert est.weights_gib == pytest.approx(p * 2 / GIB)  # bf16
@@ -66,3 +67,20 @@ def test_switches_change_the_right_terms(setup):
         rec.rollout_gib + TOTAL / 2 * 2 / GIB)
     d = estimate_stage_memory(plan, opd, archs, dp=4)  # opd scores with the teacher at tp=2, bf16
     assert d.teacher_gib == pytest.approx(TOTAL / 2 * 2 / GIB)
+
+
+def test_vllm_engine_terms_at_its_own_tp(setup):
+    """vLLM (and auto, which the job resolves to vLLM where installed) holds a bf16 copy of every layer split
+    rollout.vllm.tp ways plus a KV cache for all layers; the megatron sampler only its KV cache at the model's tp/pp."""
+    tmp, hf, arch = setup
+    plan = load(tmp, two_stage_plan(tmp, hf, hf))
+    stage = GRPOStageConfig(name="srl", kind="student_rl", split="2H", micro_batch_tokens=1000, eval=False)
+    stage.rollout.max_new_tokens = 100
+    archs = {"teacher": arch, "student": arch}
+    tokens = 32 * (512 + 100)
+    for engine, vtp in (("vllm", 4), ("auto", 0)):
+        stage.rollout.engine, stage.rollout.vllm.tp = engine, vtp or None
+        tp = vtp or 2  # default: the model's training tp
+        kv = 2 * 4 * (2 // tp if 2 >= tp else 1) * 128 * 2 * tokens
+        est = estimate_stage_memory(plan, stage, archs, dp=4)
+        assert est.rollout_gib == pytest.approx((TOTAL / tp * 2 + kv) / GIB), engine
