@@ -206,6 +206,9 @@ def load_model_checkpoint(model, ckpt_dir: str | Path, weights_subdir: str = WEI
     weights = Path(ckpt_dir) / weights_subdir
     if not (weights / "metadata.json").is_file():
         raise S2DError(f"{weights}: no dist checkpoint here (missing metadata.json)")
+    from megatron_s2d.checkpoint.safe_load import check_dist_checkpoint
+
+    check_dist_checkpoint(weights)  # torch unpickles .metadata with plain pickle: refuse a planted payload first
     state, missing, unexpected = dist_checkpointing.load(
         sharded_state(m), str(weights), strict=StrictHandling.RETURN_ALL)
     not_in_ckpt = sorted(k for k in unexpected if not k.endswith("_extra_state"))

@@ -100,8 +100,9 @@ def resume_checkpoint(root: Path, log: Callable[[str], None] = print) -> Path | 
     reported with the file's name and the previous one is tried. Damaged checkpoints newer than the one returned
     are renamed ``step_N.damaged`` (so ``latest``, pruning and the stage's final checkpoint never pick them; delete
     them once inspected), ``latest`` is pointed at the one returned, and interrupted ``.tmp`` saves are removed.
-    None when no checkpoint is intact: the stage starts over from its initial weights (the caller says so loudly);
-    starting over is always correct (the stage is a pure function of its inputs and seed), it only costs time."""
+    None when no checkpoint is intact (a WARNING says so): the stage starts over from its initial weights. Starting
+    over rather than raising: it is always correct (the stage is a pure function of its inputs and seed) and needs
+    nobody awake at night; it only costs time, and the damaged checkpoints stay for inspection."""
     root = Path(root)
     rank0 = _rank() == 0
     if rank0 and root.is_dir():
@@ -120,11 +121,17 @@ def resume_checkpoint(root: Path, log: Callable[[str], None] = print) -> Path | 
     if damaged:
         if rank0:
             for path in damaged:
-                log(f"set aside as {_set_aside(path)} (delete it once inspected)")
+                try:
+                    log(f"set aside as {_set_aside(path)} (delete it once inspected)")
+                except OSError as e:  # carry on: `latest` below still keeps it from being the final checkpoint
+                    log(f"WARNING: could not set {path} aside ({e}); delete it")
             if chosen is not None:
                 _atomic_write_text(root / "latest", chosen.name + "\n")
             else:
                 (root / "latest").unlink(missing_ok=True)
+        if chosen is None:
+            log(f"WARNING: none of the {len(damaged)} checkpoint(s) under {root} is intact: the stage starts over "
+                "from its initial weights")
         _barrier()
     return chosen
 
@@ -193,6 +200,7 @@ def load_train_checkpoint(policy, path: Path) -> dict:
     loaded = dist_checkpointing.load(optim_sd, str(path / "optim"))
     policy.optimizer.load_state_dict(loaded["optimizer"])
     trainer_state = json.loads((path / "trainer_state.json").read_text())
+    policy.scheduler.num_steps = 0  # megatron's load_state_dict *adds* the saved count to the current one
     policy.scheduler.load_state_dict(trainer_state["scheduler"])
     prefix = path / "rng" / f"rank_{_rank():05d}"
     if prefix.with_suffix(".safetensors").is_file() or prefix.with_suffix(".pt").is_file():

@@ -17,6 +17,7 @@ import time
 import torch
 
 from megatron_s2d.policy.objectives import ForwardKLLoss
+from megatron_s2d.errors import S2DError
 from megatron_s2d.rollout import sample_store
 from megatron_s2d.rollout.batch import flatten, to_batch
 from megatron_s2d.stages.counters import StepCounters
@@ -30,9 +31,18 @@ def teacher_samples(job) -> list[list]:
 
     st, wu = job.stage, job.stage.warmup
     path = job.store.dir / "teacher_cache" / f"dp_rank_{job.dist.dp_rank:05d}"
+    cached = None
     if all_ranks_agree(sample_store.exists(path)):  # generating is collective over the whole job: all ranks or none
+        try:
+            cached = sample_store.load_samples(path)
+            if len(cached) < st.steps:
+                raise S2DError(f"{path}: {len(cached)} steps cached, the stage runs {st.steps}")
+        except S2DError as e:  # corrupt, planted, or from a shorter run: regenerate, on every rank
+            print(f"[{st.name}] rank {job.dist.rank}: teacher cache not used ({e}); regenerating", flush=True)
+            cached = None
+    if all_ranks_agree(cached is not None):
         job.log(f"teacher rollouts: cached {path}")
-        return sample_store.load_samples(path)
+        return cached
     teacher = job.load_teacher()
     engine = job.make_engine(teacher)
     topk = wu.topk if wu.mode == "topk" else 0

@@ -83,33 +83,18 @@ class StageJob:
     def exclusive(self):
         """Hold the stage's lock while the loop runs (rank 0 holds it; a refusal reaches every rank): a second job
         of the same stage (a resubmitted SLURM job next to a running one) fails at once, naming the holder."""
-        import torch
+        from megatron_s2d.runtime.locks import hold_lock_collective
 
-        from megatron_s2d.runtime.locks import LockHeld, hold_lock
-
-        held, error = None, None
-        if self.dist.is_main:
-            held = hold_lock(self.layout.stage_lock(self.stage.name), f"stage {self.stage.name!r} of {self.layout.root}")
-            try:
-                held.__enter__()
-            except LockHeld as e:
-                held, error = None, str(e)
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise LockHeld(box[0])
-        try:
+        with hold_lock_collective(self.layout.stage_lock(self.stage.name),
+                                  f"stage {self.stage.name!r} of {self.layout.root}"):
             yield
-        finally:
-            if held is not None:
-                held.__exit__(None, None, None)
 
     # ------------------------------------------------------------------------------------------ models
     def load_policy(self):
         """The trainable policy with its stage state: resumed from the stage's latest checkpoint if there is one,
         else initialised from the parent stage's final checkpoint (or the base model)."""
         from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
-        from megatron_s2d.checkpoint.train_ckpt import complete_checkpoints, load_train_checkpoint, resume_checkpoint
+        from megatron_s2d.checkpoint.train_ckpt import load_train_checkpoint, resume_checkpoint
 
         policy = trainable_policy(self.assets.arch, self.plan.models[self.role], self.stage, self.plan.seed)
         state = StageState()
@@ -118,9 +103,6 @@ class StageJob:
             state = RunStore.restored(load_train_checkpoint(policy, resume))
             self.log(f"resumed from {resume} at step {state.step}")
         else:
-            if complete_checkpoints(self.store.checkpoints):
-                self.log(f"WARNING: no intact checkpoint under {self.store.checkpoints}: starting the stage over from "
-                         f"{self.init_dir}")
             load_model_checkpoint(policy.module, self.init_dir)
         self.store.metrics.truncate(state.step)
         return policy, state

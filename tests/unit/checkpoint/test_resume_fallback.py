@@ -88,6 +88,7 @@ def test_every_checkpoint_damaged_gives_none_and_removes_latest(root):
     chosen, log = _resume(root)
     assert chosen is None
     assert log.count("is damaged") == 3 and not (root / "latest").exists()
+    assert "WARNING: none of the 3 checkpoint(s) under" in log and "starts over from its initial weights" in log
     assert latest_checkpoint(root) is None and complete_checkpoints(root) == []
 
 
