@@ -6,12 +6,12 @@ from megatron_s2d.config.loader import apply_overrides, from_dict, load_plan, pl
 from megatron_s2d.config.schema import (
     ClipConfig, DataConfig, EvalConfig, EvalSetConfig, GRPOConfig, GRPOStageConfig, LaunchConfig, ModelConfig,
     OPDConfig, OPDStageConfig, OptimConfig, PlanConfig, RolloutConfig, RolloutCorrectionConfig, SlurmConfig, SplitConfig, StageBase,
-    StageConfig, VLLMConfig, WarmupConfig, WarmupStageConfig,
+    StageConfig, TrackingConfig, VLLMConfig, WarmupConfig, WarmupStageConfig,
 )
 
 __all__ = [
     "KINDS", "ClipConfig", "DataConfig", "EvalConfig", "EvalSetConfig", "GRPOConfig", "GRPOStageConfig",
     "LaunchConfig", "ModelConfig", "OPDConfig", "OPDStageConfig", "OptimConfig", "PlanConfig", "RolloutConfig", "RolloutCorrectionConfig",
-    "SlurmConfig", "SplitConfig", "StageBase", "StageConfig", "StageKind", "VLLMConfig", "WarmupConfig",
+    "SlurmConfig", "SplitConfig", "StageBase", "StageConfig", "StageKind", "TrackingConfig", "VLLMConfig", "WarmupConfig",
     "WarmupStageConfig", "apply_overrides", "from_dict", "kind_of", "load_plan", "plan_from_dict", "to_dict",
 ]

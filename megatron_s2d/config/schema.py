@@ -263,6 +263,17 @@ class LaunchConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking of every stage's per-step metrics (the numbers of its metrics.jsonl), written by rank 0."""
+
+    tensorboard: bool = True  # TensorBoard event files in <run_dir>/stages/<stage>/tensorboard/ (one run per stage)
+    wandb: bool = False  # also one Weights & Biases run per stage, grouped per plan run (needs `pip install wandb`)
+    wandb_project: str = "megatron-s2d"  # W&B project
+    wandb_entity: str | None = None  # W&B entity: team or user (None: the logged-in account's default)
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under <run_dir>/wandb/ (`wandb sync` later)
+
+
+@dataclass
 class PlanConfig:
     """A whole run: models, data, the stage DAG, evaluation and where/how it launches."""
 
@@ -274,6 +285,7 @@ class PlanConfig:
     stages: list[StageConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     toy_world: bool = False  # use the embedded toy world (tiny models + tokenizer shipped with the package)
     toy_world_seed: int = 0  # its build seed (the shipped world is seed 0)
 

@@ -128,8 +128,11 @@ def _check_stage(plan: PlanConfig, s: StageBase, where: str) -> None:
                            "teacher")
     if s.split is None:
         raise S2DError(f"{w}.split is required (one of {sorted(plan.data.split.fractions)})")
-    if s.split not in plan.data.split.fractions:
-        raise S2DError(f"{w}.split = {s.split!r} is not a data split; splits: {sorted(plan.data.split.fractions)}")
+    parts = split_parts(s.split)
+    unknown = [p for p in parts if p not in plan.data.split.fractions]
+    if unknown or len(set(parts)) != len(parts):
+        raise S2DError(f"{w}.split = {s.split!r} is not a data split or a union of distinct ones joined by '+' "
+                       f"(e.g. '1H+2H'); splits: {sorted(plan.data.split.fractions)}")
     for name in ("steps", "prompts_per_step", "updates_per_step", "micro_batch_tokens", "keep_checkpoints"):
         if getattr(s, name) < 1:
             raise S2DError(f"{w}.{name} = {getattr(s, name)} must be >= 1")
@@ -180,11 +183,16 @@ def batch_layout_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
     return []
 
 
+def split_parts(split: str) -> list[str]:
+    """The data splits a stage's ``split`` names: one ("1H") or a union joined by '+' ("1H+2H": all the labels)."""
+    return split.split("+")
+
+
 def label_ledger(plan: PlanConfig) -> dict[str, list[str]]:
     """For every stage, the data splits whose labels it or its ancestors consumed."""
     by_name = {s.name: s for s in plan.stages}
-    return {s.name: sorted({by_name[a].split for a in ancestors(plan, s.name) + [s.name]
-                            if consumes_labels(by_name[a])}) for s in plan.stages}
+    return {s.name: sorted({part for a in ancestors(plan, s.name) + [s.name] if consumes_labels(by_name[a])
+                            for part in split_parts(by_name[a].split)}) for s in plan.stages}
 
 
 def engine_for(rollout, vllm_installed: bool | None = None) -> str:
@@ -252,11 +260,13 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
     for s in plan.stages:
         if not consumes_labels(s):
             continue
-        used = {by_name[a].split: a for a in ancestors(plan, s.name) if consumes_labels(by_name[a])}
-        if s.split in used and not s.replay:
+        used = {part: a for a in ancestors(plan, s.name) if consumes_labels(by_name[a])
+                for part in split_parts(by_name[a].split)}
+        reused = [part for part in split_parts(s.split) if part in used]
+        if reused and not s.replay:
             raise S2DError(
-                f"{where}: stages.{s.name} would reuse the labels of split {s.split!r}, already consumed by ancestor "
-                f"stage {used[s.split]!r}; use another split, or set replay: true (the matched-replay control)")
+                f"{where}: stages.{s.name} would reuse the labels of split {reused[0]!r}, already consumed by ancestor "
+                f"stage {used[reused[0]]!r}; use another split, or set replay: true (the matched-replay control)")
     if plan.launch.nodes < 1 or plan.launch.procs_per_node < 1:
         raise S2DError(f"{where}: launch.nodes and launch.procs_per_node must be >= 1")
     if plan.eval.k < 1 or plan.eval.max_new_tokens < 1 or plan.eval.temperature < 0:

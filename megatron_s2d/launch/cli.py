@@ -1,6 +1,6 @@
 """The ``s2d`` command: run plans, convert checkpoints, evaluate, report, build the toy world.
 
-    s2d run PLAN.yaml [key=value ...] [--stages a,b] [--executor local|slurm] [--dry-run] [--nproc N]
+    s2d run PLAN.yaml [key=value ...] [--stages a,b] [--executor local|slurm] [--dry-run] [--verbose]
     s2d convert hf-to-megatron | megatron-to-hf | verify ...
     s2d eval --model DIR --data NAME_OR_PATH [--k 16] [--engine megatron|vllm]
     s2d report RUN_DIR
@@ -14,12 +14,26 @@ import argparse
 import sys
 
 
+def quiet_launcher() -> None:
+    """The launcher's own library noise off (``s2d run`` without ``--verbose``): warnings that libraries raise while
+    it imports megatron-core / NeMo-Run (Apex not installed, FutureWarning, DeprecationWarning) are hidden; warnings
+    of megatron-s2d itself stay. The jobs' output is filtered by the local launcher (``launch.experiment``)."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"(megatron_s2d|checkpoints_convert)(\.|$)")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
 def _cmd_run(args) -> int:
     from megatron_s2d.config import load_plan
     from megatron_s2d.launch.experiment import run_plan
     from megatron_s2d.stages.layout import RunLayout
     from megatron_s2d.run.preflight import prepare_run, write_resolved_plan
 
+    if not args.verbose:
+        quiet_launcher()
     plan = load_plan(args.plan, args.overrides)
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     executor = args.executor or plan.launch.executor
@@ -35,7 +49,7 @@ def _cmd_run(args) -> int:
     # one launcher per run folder (on SLURM: while it prepares and submits; each stage job then locks its stage)
     with hold_lock(RunLayout.of(plan.run_dir).lock, f"run folder {RunLayout.of(plan.run_dir).root}"):
         plan, layout = prepare_run(plan, log=log)
-        run_plan(plan, str(layout.plan), stages=stages, executor=executor)
+        run_plan(plan, str(layout.plan), stages=stages, executor=executor, verbose=args.verbose)
     if executor == "local":  # on SLURM the report is the last dependent job
         from megatron_s2d.run.report import write_report
 
@@ -44,6 +58,10 @@ def _cmd_run(args) -> int:
         log(f"report: {layout.report / 'report.md'}")
         for png in plots:
             log(f"plot: {png}")
+    if plan.tracking.tensorboard:
+        log(f"curves: tensorboard --logdir {layout.root / 'stages'}")
+    if plan.tracking.wandb and plan.tracking.wandb_mode == "offline":
+        log(f"W&B (offline): wandb sync {layout.root / 'wandb'}/offline-run-*")
     return 0
 
 
@@ -82,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=["local", "slurm"], default=None)
     run.add_argument("--dry-run", action="store_true",
                      help="validate layouts + memory and render sbatch scripts without running anything")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show the libraries' output too (NeMo-Run's panels and INFO lines, torchrun, vLLM, "
+                          "megatron-core warnings); by default only progress, results and errors are shown")
     run.set_defaults(fn=_cmd_run)
 
     from checkpoints_convert.cli import add_convert_subcommands

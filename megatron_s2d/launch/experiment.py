@@ -13,7 +13,8 @@ require the parents of a selected stage to be complete.
 parents, so NeMo-Run submits them at once as ``afterok``-chained sbatch jobs and returns (``detach``).
 
 **Local** (``executor="local"``): one ``run.Experiment`` per job, run one after another with ``run.LocalExecutor``
-(torchrun via :mod:`megatron_s2d.launch.agent`, ``launch.procs_per_node`` processes), output tailed to the terminal.
+(torchrun via :mod:`megatron_s2d.launch.agent` for ``launch.procs_per_node`` > 1 processes; one process runs the
+stage entry directly), output tailed to the terminal.
 Why not one experiment with dependencies: NeMo-Run's local DAG runner launches every job of a topological
 generation at once (``teacher_rl`` and ``cold_grpo`` would share the 2 CPU cores) and keeps launching dependents
 after a parent failed (it only logs the failure). Running one experiment per job lets the launcher stop at the first
@@ -25,8 +26,14 @@ torchrun + torch imports in the agent and workers (~8-10 s per job at 2 processe
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import re
 import shlex
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TextIO
@@ -40,6 +47,7 @@ from megatron_s2d.stages.layout import RunLayout
 from megatron_s2d.runtime.preemption import EXIT_PREEMPTED
 
 LOCAL_ENV = {"PYTHONUNBUFFERED": "1"}
+VERBOSE_ENV = {"S2D_VERBOSE": "1"}  # the stage entry then leaves library warnings on (``stages.entry._quiet``)
 
 
 @dataclass(frozen=True)
@@ -73,18 +81,26 @@ class PlannedRun:
     scripts: dict[str, str] = field(default_factory=dict)  # dry run: job -> rendered script path
 
 
+def _local_command(plan: PlanConfig, job: Job, plan_path: str) -> tuple[str, list[str]]:
+    """A local job's (module, args): one process runs the stage entry directly, more run under torchrun."""
+    procs = plan.launch.procs_per_node
+    return job_command(job, plan_path, str(RunLayout.of(plan.run_dir).root), 1, procs, agent=procs > 1)
+
+
 def _local_script(plan: PlanConfig, job: Job, plan_path: str):
     run = slurm_mod.load_nemo_run()
-    module, args = job_command(job, plan_path, str(RunLayout.of(plan.run_dir).root), 1, plan.launch.procs_per_node)
+    module, args = _local_command(plan, job, plan_path)
     return run.Script(path=module, m=True, entrypoint=sys.executable, args=args)
 
 
-def _local_experiment(plan: PlanConfig, job: Job, plan_path: str):
+def _local_experiment(plan: PlanConfig, job: Job, plan_path: str, verbose: bool = False):
     run = slurm_mod.load_nemo_run()
     exp = run.Experiment(f"{plan.name}-{job.name}", base_dir=str(RunLayout.of(plan.run_dir).root / "nemo_run"),
-                         enable_goodbye_message=False, skip_status_at_exit=True)
+                         enable_goodbye_message=False, skip_status_at_exit=True,
+                         log_level="INFO" if verbose else "WARNING")
+    env = {**LOCAL_ENV, **(VERBOSE_ENV if verbose else {})}
     with exp:
-        exp.add(_local_script(plan, job, plan_path), executor=run.LocalExecutor(ntasks_per_node=1, env_vars=LOCAL_ENV),
+        exp.add(_local_script(plan, job, plan_path), executor=run.LocalExecutor(ntasks_per_node=1, env_vars=env),
                 name=job.name, tail_logs=True)
     return exp
 
@@ -93,7 +109,7 @@ def _write_local_scripts(plan: PlanConfig, jobs: list[Job], plan_path: str, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for job in jobs:
-        module, args = job_command(job, plan_path, str(RunLayout.of(plan.run_dir).root), 1, plan.launch.procs_per_node)
+        module, args = _local_command(plan, job, plan_path)
         env = " ".join(f"{k}={v}" for k, v in LOCAL_ENV.items())
         text = (f"#!/bin/bash\n# megatron-s2d dry run of job {job.name!r} (local executor: NeMo-Run LocalExecutor)\n"
                 f"# waits for: {', '.join(job.deps) or 'nothing'}\n"
@@ -134,14 +150,14 @@ def render(plan: PlanConfig, planned: PlannedRun, out_dir: Path) -> dict[str, st
     return planned.scripts
 
 
-def _experiments(plan: PlanConfig, planned: PlannedRun) -> list:
+def _experiments(plan: PlanConfig, planned: PlannedRun, verbose: bool = False) -> list:
     if planned.executor == "slurm":
         run = slurm_mod.load_nemo_run()
         exp = run.Experiment(plan.name, base_dir=slurm_mod.experiment_base_dir(plan), enable_goodbye_message=False)
         with exp:
             slurm_mod.add_jobs(exp, plan, planned.jobs, planned.plan_path)
         return [exp]
-    return [_local_experiment(plan, job, planned.plan_path) for job in planned.jobs]
+    return [_local_experiment(plan, job, planned.plan_path, verbose) for job in planned.jobs]
 
 
 def _log_file(nr_job) -> str:
@@ -149,13 +165,142 @@ def _log_file(nr_job) -> str:
     return str(logs[-1]) if logs else nr_job.executor.job_dir
 
 
-def _run_local(plan: PlanConfig, planned: PlannedRun, out: TextIO) -> None:
+# ------------------------------------------------------------------------------------------ the console of a local run
+# Without --verbose the terminal shows progress, results and errors: library noise in the jobs' tailed output is
+# dropped here (the job's log file keeps every line), NeMo-Run's own panels and INFO lines go to a buffer that is
+# shown when a job fails with an error in it. --verbose shows everything as the libraries print it.
+_TORCHX_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?[^\s/]{1,10}/\d+(?:\x1b\[0m)? ")  # "teacher_rl/0 " on tailed lines
+_WARNING = re.compile(r"^(?P<path>\S+?):\d+: (?:\w+\.)*\w*Warning: ")  # a Python warning's first line
+_LIBRARY_PATH = re.compile(r"site-packages|dist-packages|^<frozen |/lib/python3\.\d+/")
+_NOISE = re.compile("|".join((
+    r"^[IWD]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] ",  # torch / torchrun (glog format) I/W/D; E/F stay
+    r"^\[[IWD]\d{4} \d\d:\d\d:\d\d[.\d]* ",  # torch C++ (c10d) I/W/D lines
+    r"^(?:\([\w-]+ pid=\d+\) )?(?:INFO|WARNING|DEBUG) \d\d-\d\d \d\d:\d\d:\d\d ",  # vLLM
+    r"^(?:INFO|WARNING|DEBUG):[\w.]+:",  # Python logging's default format (torch.distributed.elastic, ...)
+    r"^wandb: (?!ERROR)",  # W&B's banner (the stage prints one line naming its W&B run)
+)))
+_STEP = re.compile(r"^\[(?P<stage>[^\]\s]+)\] step (?P<k>\d+)/(?P<n>\d+)(?=\s|$)")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _step_times(path: Path, last: int = 20) -> list[float]:
+    """The measured step times (``step_time_s``) of a stage's last steps in its metrics.jsonl."""
+    try:
+        lines = path.read_text().splitlines()[-last:]
+        return [float(json.loads(ln)["step_time_s"]) for ln in lines if ln.strip() and "step_time_s" in ln]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+class ConsoleFilter:
+    """Stands in for ``sys.stdout`` while NeMo-Run tails a local job: drops library noise (unless ``verbose``) and the
+    ``<role>/0`` prefix, and adds the stage's time elapsed and estimated time left (the mean of its measured step
+    times x the steps to go) to each ``[stage] step k/N ...`` line. Every other line (tracebacks, errors, our own
+    warnings) passes unchanged."""
+
+    def __init__(self, stream: TextIO, layout: RunLayout, verbose: bool = False):
+        self.stream, self.layout, self.verbose = stream, layout, verbose
+        self.started = time.monotonic()
+        self._partial, self._after_warning = "", False
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                shown = self.filter_line(line)
+                if shown is not None:
+                    self.stream.write(shown + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Write out an unfinished last line (the wrapped stream stays open)."""
+        with self._lock:
+            rest, self._partial = self._partial, ""
+        if rest:
+            shown = self.filter_line(rest)
+            if shown is not None:
+                self.stream.write(shown)
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the terminal
+        return getattr(self.stream, name)
+
+    def filter_line(self, line: str) -> str | None:
+        """The line as shown, or None when it is dropped."""
+        text = "\r".join(_TORCHX_PREFIX.sub("", seg, count=1) for seg in line.split("\r"))
+        after_warning, self._after_warning = self._after_warning, False
+        if not self.verbose:
+            if after_warning and text[:1].isspace():
+                return None  # the source line under a dropped warning
+            warning = _WARNING.match(text)
+            if warning and _LIBRARY_PATH.search(warning["path"]):
+                self._after_warning = True
+                return None
+            if _NOISE.match(text):
+                return None
+        step = _STEP.match(text)
+        shown = line if self.verbose else text
+        if step:
+            shown += " | " + self.timing(step["stage"], int(step["k"]), int(step["n"]))
+        return shown
+
+    def timing(self, stage: str, k: int, n: int) -> str:
+        out = f"{_hms(time.monotonic() - self.started)} elapsed"
+        times = _step_times(self.layout.stage(stage) / "metrics.jsonl")
+        if k < n and times:
+            out += f", ~{_hms(sum(times) / len(times) * (n - k))} left"
+        return out
+
+
+@contextlib.contextmanager
+def _nemo_run_console(verbose: bool):
+    """Quiet: NeMo-Run's rich console (experiment panels, "Launching job", its log lines) writes to a buffer, yielded
+    (shown when a job fails with an error in it); verbose: to the terminal, as NeMo-Run prints it."""
+    if verbose:
+        yield None
+        return
+    from nemo_run.core.frontend.console.api import CONSOLE
+
+    buf, saved = io.StringIO(), CONSOLE._file
+    CONSOLE.file = buf
+    try:
+        yield buf
+    finally:
+        CONSOLE.file = saved
+
+
+@contextlib.contextmanager
+def _filtered_stdout(layout: RunLayout, verbose: bool):
+    saved = sys.stdout
+    sys.stdout = filt = ConsoleFilter(saved, layout, verbose)
+    try:
+        yield filt
+    finally:
+        sys.stdout = saved
+        filt.close()
+
+
+def _run_local(plan: PlanConfig, planned: PlannedRun, out: TextIO, verbose: bool = False,
+               nemo_run_output: io.StringIO | None = None) -> None:
     """Run the per-job experiments one after another; stop at the first failure with an error naming job and log."""
     layout = RunLayout.of(plan.run_dir)
-    for job, exp in zip(planned.jobs, planned.experiments):
-        print(f"[s2d] ===== job {job.name} ({job.kind}) =====", file=out, flush=True)
+    plan_started, n = time.monotonic(), len(planned.jobs)
+    for i, (job, exp) in enumerate(zip(planned.jobs, planned.experiments)):
+        so_far = (f", {_hms(time.monotonic() - plan_started)} into the plan" if i else "")
+        print(f"[s2d] ===== job {i + 1}/{n}: {job.name} ({job.kind}){so_far} =====", file=out, flush=True)
+        mark = nemo_run_output.tell() if nemo_run_output is not None else 0
         try:
-            with exp:
+            with _filtered_stdout(layout, verbose) as filt, exp:
                 exp.run(tail_logs=True)
         except KeyboardInterrupt:
             exp.cancel(job.name)  # SIGTERM to the job: stages save a checkpoint and stop (resume by re-running)
@@ -163,25 +308,31 @@ def _run_local(plan: PlanConfig, planned: PlannedRun, out: TextIO) -> None:
         nr_job = exp.jobs[0]
         state = str(getattr(nr_job.state, "name", nr_job.state))
         if state != "SUCCEEDED":
+            said = _ANSI.sub("", nemo_run_output.getvalue()[mark:]) if nemo_run_output is not None else ""
+            if re.search(r"error|exception|traceback", said, re.IGNORECASE):
+                print(f"[s2d] NeMo-Run's output for job {job.name}:\n{said.rstrip()}", file=out, flush=True)
             hint = (f" (exit code {EXIT_PREEMPTED} means it saved a checkpoint after a stop signal: re-run to "
                     f"resume)" if job.kind != "report" else "")
             raise S2DError(f"job {job.name!r} failed ({state}); log: {_log_file(nr_job)}{hint}")
         if job.kind != "report" and not layout.is_complete(job.name):
             raise S2DError(f"job {job.name!r} exited cleanly but {layout.complete_marker(job.name)} was not written "
                            f"(stopped early?); log: {_log_file(nr_job)}; re-run to resume")
-        print(f"[s2d] job {job.name} done", file=out, flush=True)
+        print(f"[s2d] job {job.name} done in {_hms(time.monotonic() - filt.started)}", file=out, flush=True)
 
 
-def submit(plan: PlanConfig, planned: PlannedRun, out: TextIO, detach: bool = True) -> PlannedRun:
+def submit(plan: PlanConfig, planned: PlannedRun, out: TextIO, detach: bool = True,
+           verbose: bool = False) -> PlannedRun:
     """Launch the planned jobs. Local runs block until every job finished and raise :class:`S2DError` at the first
     failure; SLURM runs submit every job and return (``detach``) or wait for them."""
     if not planned.jobs:
         print("[s2d] nothing to run: every selected stage is complete", file=out, flush=True)
         return planned
-    planned.experiments = _experiments(plan, planned)
     if planned.executor == "local":
-        _run_local(plan, planned, out)
+        with _nemo_run_console(verbose) as nemo_run_output:
+            planned.experiments = _experiments(plan, planned, verbose)
+            _run_local(plan, planned, out, verbose, nemo_run_output)
         return planned
+    planned.experiments = _experiments(plan, planned)
     exp = planned.experiments[0]
     if plan.launch.slurm.tunnel == "ssh":  # the jobs read the plan from the cluster's filesystem
         tunnel = exp.jobs[0].executor.tunnel
@@ -197,7 +348,7 @@ def submit(plan: PlanConfig, planned: PlannedRun, out: TextIO, detach: bool = Tr
 
 def launch_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
                 executor: Literal["local", "slurm"] | None = None, dry_run: bool = False, detach: bool = True,
-                report: bool | None = None, out: TextIO | None = None) -> PlannedRun:
+                report: bool | None = None, out: TextIO | None = None, verbose: bool = False) -> PlannedRun:
     """Plan the launch of ``stages`` (None: the whole plan), then render it (``dry_run``: scripts + the table, nothing
     launched) or submit it. The plan must already be written to ``plan_path_resolved`` (a path every job can read:
     on SLURM, on the shared filesystem). ``executor``: None uses ``plan.launch.executor``."""
@@ -214,15 +365,15 @@ def launch_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | N
         print(f"[s2d] dry run OK: {len(planned.jobs)} job(s), scripts in {out_dir}", file=out, flush=True)
         return planned
     planned = plan_launch(plan, plan_path_resolved, stages, executor, JobSelection.run(report))
-    return submit(plan, planned, out, detach)
+    return submit(plan, planned, out, detach, verbose)
 
 
 def run_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | None = None,
              executor: Literal["local", "slurm"] | None = None, dry_run: bool = False,
-             report: bool | None = None) -> int:
+             report: bool | None = None, verbose: bool = False) -> int:
     """CLI form of :func:`launch_plan`: returns 0 when every job succeeded (local) or was submitted (SLURM);
     failures raise :class:`S2DError` (the message names the job and its log file)."""
-    launch_plan(plan, plan_path_resolved, stages, executor, dry_run, report=report)
+    launch_plan(plan, plan_path_resolved, stages, executor, dry_run, report=report, verbose=verbose)
     return 0
 
 

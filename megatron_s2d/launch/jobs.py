@@ -22,7 +22,7 @@ from typing import Literal
 
 from megatron_s2d.config.schema import PlanConfig
 from megatron_s2d.config.validate import parents, topo_order
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import InternalError, S2DError
 from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
 
 REPORT = "report"
@@ -93,9 +93,18 @@ def torchrun_args(nodes: int, procs_per_node: int, rdzv_host: str | None) -> lis
 
 
 def job_command(job: Job, plan_path: str, run_dir: str, nodes: int, procs_per_node: int,
-                rdzv_host: str | None = None) -> tuple[str, list[str]]:
-    """(module, args) that ``python -m module args...`` runs for ``job``."""
+                rdzv_host: str | None = None, agent: bool = True) -> tuple[str, list[str]]:
+    """(module, args) that ``python -m module args...`` runs for ``job``.
+
+    agent=False (the local executor's one-process jobs): the stage entry itself, without torchrun, which a single
+    process does not need (it saves a Python start and a torch import per job; the entry sets up a one-process
+    world on a free port).
+    """
     if job.kind == "report":
         return REPORT_ENTRY, ["--run-dir", run_dir]
     entry = [STAGE_ENTRY, "--plan", plan_path, "--stage", job.name]
+    if not agent:
+        if nodes * procs_per_node != 1:
+            raise InternalError(f"job {job.name}: a job of {nodes} x {procs_per_node} processes needs torchrun")
+        return entry[0], entry[1:]
     return AGENT_MODULE, torchrun_args(nodes, procs_per_node, rdzv_host) + ["-m"] + entry

@@ -17,12 +17,17 @@ import warnings
 
 
 def _quiet() -> None:
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
-    import logging
+    """Library noise off in the job's output (Apex / Transformer Engine not installed, FutureWarning,
+    DeprecationWarning, megatron's INFO logs), unless the launcher runs ``s2d run --verbose`` (``S2D_VERBOSE=1``).
+    What still gets through (torchrun, vLLM) the local launcher keeps off the terminal; the log file has it."""
+    if os.environ.get("S2D_VERBOSE") != "1":
+        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+        import logging
 
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+        logging.getLogger("megatron").setLevel(logging.ERROR)
     import torch
 
     torch.set_num_threads(max(1, int(os.environ.get("S2D_THREADS", os.cpu_count() or 1))))

@@ -23,7 +23,7 @@ import time
 
 from megatron_s2d.config import PlanConfig
 from megatron_s2d.config.kinds import kind_of
-from megatron_s2d.config.validate import engine_for, vllm_tp
+from megatron_s2d.config.validate import engine_for, split_parts, vllm_tp
 from megatron_s2d.data.prompts import encode_prompt
 from megatron_s2d.data.split_store import read_split
 from megatron_s2d.data.sources import load_source
@@ -72,7 +72,7 @@ class StageJob:
         self.store = RunStore(self.layout, plan, self.stage, self.dist.is_main)
         self.init_dir = self.store.checkpoint_of(self.stage.init, self.role)
         self.assets = ModelAssets.load(self.init_dir)
-        problems = read_split(self.layout.data, self.stage.split)
+        problems = [p for part in split_parts(self.stage.split) for p in read_split(self.layout.data, part)]
         self.prompts = PromptStream(problems, [encode_prompt(self.assets.tokenizer, p, plan.data.instruction) for p in problems],
                                     seed=plan.seed, stage=self.stage.name, split=self.stage.split,
                                     dp_rank=self.dist.dp_rank, dp_size=self.dist.dp)
@@ -193,6 +193,7 @@ class StageJob:
         if self.evaluator is not None:
             results = {"label": self.stage.name, "results": self.evaluate(policy, self.stage.name)}
         self.store.finish(final, state, self.init_dir, results)
+        self.store.metrics.close()
         torch.distributed.barrier()
         self.log(f"complete: {final}")
 

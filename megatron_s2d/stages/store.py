@@ -19,11 +19,12 @@ from pathlib import Path
 
 from megatron_s2d.config import PlanConfig, StageBase, to_dict
 from megatron_s2d.config.kinds import trained_model
-from megatron_s2d.config.validate import ancestors, label_ledger
+from megatron_s2d.config.validate import ancestors, label_ledger, split_parts
 from megatron_s2d.data.split_store import read_manifests
 from megatron_s2d.errors import S2DError
 from megatron_s2d.stages.counters import Ledger, StageState
 from megatron_s2d.stages.layout import RunLayout
+from megatron_s2d.stages.tracking import StageTracking
 
 
 def config_hash(obj) -> str:
@@ -31,23 +32,31 @@ def config_hash(obj) -> str:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one line per step (rank 0). On resume the lines of steps after the checkpoint are dropped:
-    they will be recomputed, identically."""
+    """``metrics.jsonl``: one line per step (rank 0), and the same metrics to the stage's trackers (TensorBoard, W&B:
+    ``stages.tracking``). On resume the lines of steps after the checkpoint are dropped: they will be recomputed,
+    identically (the trackers start over at the first step written again)."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, tracking: StageTracking | None = None):
+        self.path, self.enabled, self.tracking = path, enabled, tracking
 
     def append(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         line = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")
+            if self.tracking is not None:
+                self.tracking.log(line["step"], {k: v for k, v in line.items() if k != "step"})
         return line
 
     def truncate(self, step: int) -> None:
         if self.enabled and self.path.is_file():
             lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
             self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def close(self) -> None:
+        """Flush and close the trackers (also done at process exit)."""
+        if self.tracking is not None:
+            self.tracking.close()
 
 
 class RunStore:
@@ -56,7 +65,8 @@ class RunStore:
         self.dir = layout.stage(stage.name)
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.dir / "metrics.jsonl", is_main)
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl", is_main,
+                                  StageTracking.of(plan, stage, layout, enabled=is_main))
 
     # ------------------------------------------------------------------------------------------ reading
     def checkpoint_of(self, ref: str | None, role: str) -> Path:
@@ -106,7 +116,8 @@ class RunStore:
             "parents": {"init": s.init, "init_checkpoint": str(init_dir), "teacher": teacher,
                         "teacher_checkpoint": str(self.checkpoint_of(teacher, "teacher")) if teacher else None},
             "ancestors": ancestors(plan, s.name),
-            "split": s.split, "split_manifest": read_manifests(self.layout.data)[s.split],
+            "split": s.split,
+            "split_manifests": {part: read_manifests(self.layout.data)[part] for part in split_parts(s.split)},
             "labels_used_by_lineage": label_ledger(plan)[s.name],
             "config_hash": config_hash(to_dict(s)),
             "plan_models_hash": config_hash({k: asdict(v) for k, v in plan.models.items()}),

@@ -38,7 +38,7 @@ def test_plan_end_to_end_lineage_report_and_rerun(mini_world, tmp_path):
     assert lin["parents"]["init"] == "opd" and set(lin["ancestors"]) == {"opd", "fkl", "teacher_rl"}
     assert lin["labels_used_by_lineage"] == ["1H", "2H"]
     splits = json.loads((run / "data" / "splits.json").read_text())
-    assert lin["split_manifest"]["content_hash"] == splits["2H"]["content_hash"]
+    assert lin["split_manifests"]["2H"]["content_hash"] == splits["2H"]["content_hash"]
     assert lin["ledger"]["labels_consumed"] == 4 and lin["ledger"]["generated_tokens"] > 0
     assert lin["ancestor_ledgers"]["opd"]["teacher_scored_tokens"] > 0
     assert lin["ancestor_ledgers"]["opd"]["labels_consumed"] == 0

@@ -65,6 +65,10 @@ def test_base_inheritance(tmp_path):
     (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "init": "t_rl", "split": "2H"}]),
      "trains the student, but stage 't_rl' trains the teacher"),
     (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "split": "3H"}]), "not a data split"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "split": "1H+3H"}]), "not a data split"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "split": "2H+2H"}]), "union of distinct"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student_rl", "init": "opd", "split": "2H+1H"}]),
+     "reuse the labels of split '1H'"),
     (_with(stages=[dict(BASE["stages"][0], samples_per_prompt=1)]), "group of >= 2"),
     (_with(stages=[dict(BASE["stages"][0], updates_per_step=9)]), "updates_per_step = 9 exceeds the 8 sequences"),
     (_with(models={"teacher": {"hf": "/x", "tp": 3}, "student": {"hf": "/y"}}), "does not divide the world size"),
@@ -84,6 +88,14 @@ def test_replay_allows_label_reuse(tmp_path):
                                             "replay": True, "control": "matched_replay"}])
     plan = load_plan(_write(tmp_path, data))
     assert label_ledger(plan)["replay"] == ["1H"]
+
+
+def test_union_split_consumes_every_part(tmp_path):
+    """The allocation contrast's teacher RL on all labels ('1H+2H'): its lineage consumed both halves."""
+    stages = [{"name": "t_all", "kind": "teacher_rl", "split": "1H+2H"},
+              {"name": "fkl_all", "kind": "fkl_warmup", "teacher": "t_all", "split": "1H+2H"}]
+    plan = load_plan(_write(tmp_path, _with(stages=stages)))
+    assert label_ledger(plan) == {"t_all": ["1H", "2H"], "fkl_all": ["1H", "2H"]}  # through its teacher
 
 
 def test_opd_with_task_reward_consumes_labels(tmp_path):

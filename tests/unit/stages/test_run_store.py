@@ -59,7 +59,7 @@ def test_finish_writes_lineage_then_complete(tmp_path):
     store.finish(final, state, init, {"label": "t_rl", "results": {}})
     lineage = json.loads((tmp_path / "stages" / "t_rl" / "lineage.json").read_text())
     assert lineage["final_checkpoint"] == str(final) and lineage["ledger"]["labels_consumed"] == 4
-    assert lineage["labels_used_by_lineage"] == ["1H"] and lineage["split_manifest"]["content_hash"] == "abc"
+    assert lineage["labels_used_by_lineage"] == ["1H"] and lineage["split_manifests"]["1H"]["content_hash"] == "abc"
     assert RunLayout.of(tmp_path).is_complete("t_rl")
     assert json.loads((tmp_path / "stages" / "t_rl" / "eval.json").read_text())["label"] == "t_rl"
 
