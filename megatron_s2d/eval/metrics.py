@@ -1,4 +1,5 @@
-"""Evaluation metrics over k sampled responses per problem: avg@k with its standard error, and pass@k.
+"""Evaluation metrics over k sampled responses per problem: avg@k with its standard error, pass@k, and the paired
+difference of two routes on the same problems.
 
 Input `correct` is a list over problems of lists over samples, (n_problems, k), of 0/1 rewards (floats or bools;
 any value in [0, 1] is accepted, so partial credit averages the same way).
@@ -108,3 +109,32 @@ def pass_at_k(correct: Sequence[Sequence[float]], k: int) -> float:
     if not 1 <= k <= n:
         raise S2DError(f"pass@k: k must be in [1, {n}] (samples per problem), got {k}")
     return math.fsum(pass_at_k_single(n, int(sum(r)), k) for r in rows) / len(rows)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    mean: float
+    """mean over problems of (score_a - score_b), in [-1, 1]."""
+    stderr: float
+    """Standard error of `mean`: std of the per-problem differences (ddof=1) / sqrt(n); NaN when n == 1."""
+    n_problems: int
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:+.2f} ± {100 * self.stderr:.2f} (n={self.n_problems})"
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifference:
+    """Route a minus route b on the same problems (same order): the mean per-problem difference and its paired
+    standard error. a, b: (n_problems,) per-problem scores (avg@k's s_i). Pairing removes the between-problem
+    variance that both routes share, so the difference is resolved far better than by the two means' own errors."""
+    xs, ys = _as_list(a), _as_list(b)
+    if not xs or ys is None or len(xs) != len(ys):
+        raise S2DError(f"paired difference: need two equally long non-empty lists of per-problem scores, got "
+                       f"{len(xs or [])} and {len(ys or [])}")
+    d = [float(x) - float(y) for x, y in zip(xs, ys)]
+    n = len(d)
+    mean = math.fsum(d) / n
+    if n == 1:
+        return PairedDifference(mean, float("nan"), 1)
+    var = math.fsum((v - mean) ** 2 for v in d) / (n - 1)
+    return PairedDifference(mean, math.sqrt(var / n), n)

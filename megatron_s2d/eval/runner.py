@@ -29,6 +29,15 @@ from megatron_s2d.rollout.base import SamplingParams
 BLOCK = 16  # problems per generate call (and per seed)
 
 
+def problems_digest(problems) -> str:
+    """Digest of an eval set's problems in order (ids and content): two routes' per-problem scores pair up only when
+    their digests are equal."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(f"{p.id}\0{p.content_hash()}\n".encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class DataParallel:
     """Where this rank sits among the replicas that share an evaluation."""
@@ -56,8 +65,9 @@ class Evaluator:
 
     def evaluate(self, engine, tokenizer, stop_ids, *, dp: DataParallel = DataParallel(), label: str = "",
                  log: Callable[[str], None] | None = None, show_progress: bool = True) -> dict:
-        """Evaluate on each set; returns {name: {avg, stderr, n_problems, k, scores, wall_s, sampling}} (identical on
-        every rank). ``scores``: per-problem fraction correct, in problem order (for paired comparisons)."""
+        """Evaluate on each set; returns {name: {avg, stderr, n_problems, k, scores, problems, wall_s, sampling}}
+        (identical on every rank). ``scores``: per-problem fraction correct, in problem order, and ``problems``: a
+        digest of the problems in that order (``problems_digest``), for paired comparisons."""
         out = {}
         for name, problems in self.sets:
             t0 = time.perf_counter()
@@ -86,7 +96,8 @@ class Evaluator:
             per_problem = [correct[i] for i in range(len(problems))]
             res = avg_at_k(per_problem)
             out[name] = {"avg": res.mean, "stderr": res.stderr, "n_problems": res.n_problems, "k": res.k,
-                         "scores": [sum(c) / len(c) for c in per_problem], "wall_s": time.perf_counter() - t0,
+                         "scores": [sum(c) / len(c) for c in per_problem], "problems": problems_digest(problems),
+                         "wall_s": time.perf_counter() - t0,
                          "sampling": {"temperature": self.temperature, "top_p": self.top_p,
                                       "max_new_tokens": self.max_new_tokens, "k": self.k, "seed": self.seed}}
             if log is not None:

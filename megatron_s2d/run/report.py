@@ -1,8 +1,20 @@
-"""``s2d report RUN_DIR``: the paper-style table and plots, computed from the run's own files.
+"""``s2d report RUN_DIR``: the paper-style tables and plots, computed from the run's own files.
 
-Table: one row per route (base models, each stage's final policy), one column per eval set with avg@k +- standard
-error, plus the labels the route consumed (its own and its ancestors': which splits, how many problems) and its
-control name. Plots: training curves per stage (reward / reverse KL / loss-like metric) and accuracy per route.
+Routes table: one row per route (base models, each stage's final policy), one column per eval set with avg@k +-
+standard error, plus the labels the route consumed (its own and its ancestors': which splits, how many problems) and
+its control name.
+
+Paired table: every route is evaluated on the same problems with the same sampling seeds (``eval.runner``), so two
+routes compare problem by problem: difference of avg@k +- the paired standard error (``eval.metrics.
+paired_difference``), and z = difference / se. The contrasts (``contrasts``), all read off the plan's lineage:
+1. what each stage added: the stage minus the model it started from (its ``init`` stage, or the base model);
+2. each control minus the main-route stage of the same kind (cold GRPO vs student GRPO after the bridge, OPD-only vs
+   OPD after the warmup, teacher-sample SFT vs the top-k warmup, raw-teacher transfer vs the RL-teacher bridge,
+   matched replay vs held-out student GRPO, ...);
+3. a multi-stage control's final student minus the main route's final student (the 1H/2H allocation contrast).
+
+Plots: training curves per stage; student accuracy per route with standard-error bars against the teacher's
+(base and RL, as bands); the paired differences with their error bars.
 Nothing here is hard-coded: every number is read from eval.json / lineage.json / metrics.jsonl of this run.
 """
 
@@ -12,6 +24,7 @@ import json
 from pathlib import Path
 
 from megatron_s2d.errors import S2DError
+from megatron_s2d.eval.metrics import paired_difference
 from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
 
 
@@ -25,7 +38,7 @@ def collect(layout: RunLayout) -> dict:
     base = _read_json(layout.stage(BASE_EVAL) / "eval.json") or {}
     for label, ev in base.items():
         rows.append({"route": label, "kind": "base", "control": None, "labels_splits": [], "labels_consumed": 0,
-                     "evals": ev["results"]})
+                     "model": label.removesuffix("_base"), "init": None, "evals": ev["results"]})
     stages_dir = layout.root / "stages"
     plan_order = []
     if layout.plan.is_file():
@@ -46,12 +59,75 @@ def collect(layout: RunLayout) -> dict:
             continue
         consumed = lineage["ledger"]["labels_consumed"] + sum(
             led["labels_consumed"] for led in lineage.get("ancestor_ledgers", {}).values())
+        model = lineage.get("policy_model", "student")
+        init = lineage.get("parents", {}).get("init") or "base"
         rows.append({"route": name, "kind": lineage["kind"], "control": lineage.get("control"),
                      "labels_splits": lineage.get("labels_used_by_lineage", []), "labels_consumed": consumed,
+                     "model": model, "init": f"{model}_base" if init == "base" else init,
                      "ledger": lineage["ledger"], "evals": (ev or {}).get("results", {})})
     if not rows:
         raise S2DError(f"{layout.root}: nothing to report (no base_eval/ or stages/*/lineage.json yet)")
-    return {"rows": rows, "curves": curves}
+    return {"rows": rows, "curves": curves, "paired": paired(rows)}
+
+
+def contrasts(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(route a, route b, what a - b measures) for the paired table, in the order of the rules in the module
+    docstring; only pairs whose two routes both exist."""
+    by = {r["route"]: r for r in rows}
+    stages = [r for r in rows if r["kind"] != "base"]
+    out: list[tuple[str, str, str]] = []
+
+    def add(a: str, b: str, why: str) -> None:
+        if a in by and b in by and a != b and (a, b) not in [(x, y) for x, y, _ in out]:
+            out.append((a, b, why))
+
+    for r in stages:
+        add(r["route"], r["init"], f"what {r['route']} ({r['kind']}) added to the model it started from")
+    main = [r for r in stages if not r["control"]]
+    main_of_kind = {}
+    for r in main:
+        main_of_kind.setdefault(r["kind"], r["route"])
+    for r in stages:
+        if r["control"] and r["kind"] in main_of_kind:
+            add(r["route"], main_of_kind[r["kind"]], f"control {r['control']} vs the main route's {r['kind']}")
+    main_students = [r["route"] for r in main if r["model"] == "student"]
+    main_final = next((m for m in reversed(main_students) if not any(by[x]["init"] == m for x in main_students)), None)
+    controls: dict[str, list[dict]] = {}
+    for r in stages:
+        if r["control"]:
+            controls.setdefault(r["control"], []).append(r)
+    for control, members in controls.items():
+        students = [r["route"] for r in members if r["model"] == "student"]
+        finals = [m for m in students if not any(by[x]["init"] == m for x in students)]
+        if len(members) > 1 and main_final and len(finals) == 1:
+            add(finals[0], main_final, f"control {control}: its final student vs the main route's final student")
+    return out
+
+
+def paired(rows: list[dict]) -> list[dict]:
+    """The paired differences of every contrast on every eval set both routes were evaluated on (same problems)."""
+    by = {r["route"]: r for r in rows}
+    out = []
+    for a, b, why in contrasts(rows):
+        for s, ea in by[a]["evals"].items():
+            eb = by[b]["evals"].get(s)
+            if not eb or "scores" not in ea or "scores" not in eb or ea.get("problems") != eb.get("problems") \
+                    or len(ea["scores"]) != len(eb["scores"]):
+                continue  # not the same problems: no paired comparison
+            d = paired_difference(ea["scores"], eb["scores"])
+            out.append({"a": a, "b": b, "set": s, "why": why, "diff": d.mean, "stderr": d.stderr,
+                        "n_problems": d.n_problems})
+    return out
+
+
+def paired_markdown(data: dict) -> str:
+    """The paired table: a - b +- paired se (percentage points) and z, per contrast and eval set."""
+    lines = ["| contrast | eval set | difference ± paired se (points) | z | what it measures |", "|---|---|---|---|---|"]
+    for p in data["paired"]:
+        z = p["diff"] / p["stderr"] if p["stderr"] > 0 else float("nan")
+        lines.append(f"| {p['a']} − {p['b']} | {p['set']} | {100 * p['diff']:+.1f} ± {100 * p['stderr']:.1f} "
+                     f"(n={p['n_problems']}) | {z:+.1f} | {p['why']} |")
+    return "\n".join(lines)
 
 
 def table_markdown(data: dict) -> str:
@@ -101,31 +177,68 @@ def plot(data: dict, out_dir: Path) -> list[Path]:
         paths.append(p)
     rows = [r for r in data["rows"] if r["evals"]]
     if rows:
-        sets = list(rows[0]["evals"])
-        fig, axes = plt.subplots(1, len(sets), figsize=(max(6, 0.9 * len(rows)) * len(sets), 3.8), squeeze=False)
-        for ax, s in zip(axes[0], sets):
-            names = [r["route"] for r in rows if s in r["evals"]]
-            vals = [100 * r["evals"][s]["avg"] for r in rows if s in r["evals"]]
-            errs = [100 * r["evals"][s]["stderr"] for r in rows if s in r["evals"]]
-            ax.bar(range(len(names)), vals, yerr=errs, capsize=3, color="tab:blue")
-            ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-            ax.set_ylabel(f"avg@k (%) on {s}")
-            ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        p = out_dir / "accuracy_per_route.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_accuracy_plot(rows, out_dir, plt))
+    if data.get("paired"):
+        paths.append(_paired_plot(data["paired"], out_dir, plt))
     return paths
 
 
+def _accuracy_plot(rows: list[dict], out_dir: Path, plt) -> Path:
+    """Student routes as bars with standard-error bars; the teacher's routes as horizontal bands (mean +- se)."""
+    sets = list(rows[0]["evals"])
+    students = [r for r in rows if r.get("model", "student") == "student"]
+    teachers = [r for r in rows if r.get("model") == "teacher"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(max(6.0, 0.8 * len(students) + 2) * len(sets), 4.0),
+                             squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        shown = [r for r in students if s in r["evals"]]
+        vals = [100 * r["evals"][s]["avg"] for r in shown]
+        errs = [100 * r["evals"][s]["stderr"] for r in shown]
+        ax.bar(range(len(shown)), vals, yerr=errs, capsize=3, color="tab:blue", label="student routes")
+        for i, t in enumerate(r for r in teachers if s in r["evals"]):
+            m, e = 100 * t["evals"][s]["avg"], 100 * t["evals"][s]["stderr"]
+            color = f"C{i + 1}"
+            ax.axhline(m, color=color, ls="--", lw=1.2, label=f"{t['route']} {m:.1f} ± {e:.1f}")
+            ax.axhspan(m - e, m + e, color=color, alpha=0.15)
+        ax.set_xticks(range(len(shown)), [r["route"] for r in shown], rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(f"avg@k (%) on {s}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    p = out_dir / "accuracy_per_route.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def _paired_plot(pairs: list[dict], out_dir: Path, plt) -> Path:
+    """Each contrast's paired difference with +-2 paired standard errors (zero line: no difference)."""
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(pairs) + 1.2))
+    ys = range(len(pairs))[::-1]
+    ax.errorbar([100 * p["diff"] for p in pairs], list(ys), xerr=[200 * p["stderr"] for p in pairs], fmt="o",
+                capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(list(ys), [f"{p['a']} − {p['b']} ({p['set']})" for p in pairs], fontsize=7)
+    ax.set_xlabel("paired difference of avg@k (points), ± 2 se")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    p = out_dir / "paired_differences.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 def write_report(run_dir: str | Path) -> tuple[str, list[Path]]:
+    """report.md (routes table, then paired table), report.json (rows and paired differences) and the plots."""
     layout = RunLayout.of(run_dir)
     data = collect(layout)
     layout.report.mkdir(parents=True, exist_ok=True)
     md = table_markdown(data)
+    if data["paired"]:
+        md += "\n\nPaired differences (same problems, same sampling seeds):\n\n" + paired_markdown(data)
     (layout.report / "report.md").write_text(md + "\n")
-    (layout.report / "report.json").write_text(json.dumps(data["rows"], indent=1))
+    (layout.report / "report.json").write_text(json.dumps({"rows": data["rows"], "paired": data["paired"]},
+                                                          indent=1))
     return md, plot(data, layout.report)
 
 
