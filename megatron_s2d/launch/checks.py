@@ -16,7 +16,7 @@ All problems are collected and raised together (one :class:`S2DError` naming sta
 Model sizes come from the model's HF ``config.json``: ``models.<role>.hf`` when that folder has one; otherwise
 the package's ``models/hf_configs/<basename(hf)>/config.json`` (shipped copies of the real Qwen3 / Llama configs, so
 an installed ``s2d`` dry-runs the recipes anywhere, without the weights); for ``models.<role>.megatron`` the ``s2d_model.json`` of that checkpoint;
-for toy plans the toy world's shapes (the built ``<run_dir>/toy_world/<role>/config.json`` when present).
+for toy plans the toy world's shapes (the shipped world's, or a built ``<run_dir>/toy_world/<role>/config.json``).
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def resolve_arch(plan: PlanConfig, role: str) -> tuple[ArchSpec, str]:
             raise S2DError(f"models.{role}.megatron = {m.megatron!r}: {meta} not found (not a megatron-s2d model "
                            f"checkpoint)")
         return ArchSpec.from_json(json.loads(meta.read_text())["arch"]), str(meta)
-    built = RunLayout.of(plan.run_dir).toy_world / role / "config.json"
+    from megatron_s2d.toy.build import shipped_world
+
+    world, _ = shipped_world(plan.toy_world_seed)
+    built = (world.root if world else RunLayout.of(plan.run_dir).toy_world) / role / "config.json"
     if built.is_file():
         return load_arch(built.parent), str(built)
     return _toy_arch(role), "toy world (megatron_s2d.toy.models)"

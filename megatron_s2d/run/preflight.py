@@ -57,9 +57,9 @@ def prepare_run(plan: PlanConfig, log=print, build_toy: bool = True) -> tuple[Pl
     layout = RunLayout.of(plan.run_dir)
     plan = dataclasses.replace(plan, run_dir=str(layout.root))
     if plan.toy_world and build_toy:
-        from megatron_s2d.toy.build import build_toy_world
+        from megatron_s2d.toy.build import world_for
 
-        world = build_toy_world(layout.toy_world, seed=plan.toy_world_seed)
+        world = world_for(plan.toy_world_seed, layout.toy_world, log=log)
         models = dict(plan.models)
         models["teacher"] = dataclasses.replace(models["teacher"], hf=str(world.teacher_dir))
         models["student"] = dataclasses.replace(models["student"], hf=str(world.student_dir))

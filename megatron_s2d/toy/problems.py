@@ -147,9 +147,14 @@ def render_prompt(item: ToyItem, rng: random.Random) -> str:
     return rng.choice(_TEMPLATES).format(e=item.expr)
 
 
-def solution_text(item: ToyItem) -> str:
-    """The worked response the toy models are pre-trained to produce, ending in a \\boxed{} answer."""
-    return ". ".join(item.steps) + f". The answer is \\boxed{{{item.answer}}}."
+HEDGE = " \\pm 1"  # the hedge inside the box: "\\boxed{N \\pm 1}"
+
+
+def solution_text(item: ToyItem, hedged: bool = False) -> str:
+    """The worked response the toy models are pre-trained to produce, ending in "The answer is \\boxed{N}." or,
+    hedged, "The answer is \\boxed{N \\pm 1}." (math-verify cannot equal a +-interval to the gold, so a hedged
+    response scores 0 even when N is right; whichever digits a model writes, the hedge stays wrong)."""
+    return ". ".join(item.steps) + f". The answer is \\boxed{{{item.answer}{HEDGE if hedged else ''}}}."
 
 
 def expression_of(prompt: str) -> str:

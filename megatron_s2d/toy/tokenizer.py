@@ -65,7 +65,7 @@ def training_corpus(n_items: int = 3000) -> list[str]:
     for i in range(n_items):
         item = problems.sample_item(rng, problems.LEVELS[i % len(problems.LEVELS)])
         texts.append(problems.render_prompt(item, rng))
-        texts.append(problems.solution_text(item))
+        texts.append(problems.solution_text(item, hedged=i % 2 == 1))
     return texts
 
 

@@ -48,11 +48,22 @@ def test_build_info_records_accuracies(world):
 
 def test_pretraining_text_is_disjoint_from_train_and_test(world):
     banned = P.keys_of(P.load_shipped("train")) | P.keys_of(P.load_shipped("test"))
-    lines = (world.root / "pretrain.jsonl").read_text().splitlines()
-    assert len(lines) == B.QUICK_CONFIG.corpus_items
-    for line in lines:
-        question = re.search(r"user\n(.*?)(?:\n\n|<\|im_end\|>)", json.loads(line)["prompt"]).group(1)
+    corpora = {m: [json.loads(x) for x in (world.root / f"pretrain_{m}.jsonl").read_text().splitlines()]
+               for m in ("teacher", "student")}
+    assert len(corpora["teacher"]) == len(corpora["student"]) == B.QUICK_CONFIG.corpus_items
+    for row in corpora["teacher"]:
+        question = re.search(r"user\n(.*?)(?:\n\n|<\|im_end\|>)", row["prompt"]).group(1)
         assert not P.content_keys(P.expression_of(question)) & banned
+
+
+def test_the_models_read_the_same_questions_and_the_student_hedges_more(world):
+    """Same prompts and worked steps; every response the teacher's text hedges, the student's hedges too."""
+    corpora = {m: [json.loads(x) for x in (world.root / f"pretrain_{m}.jsonl").read_text().splitlines()]
+               for m in ("teacher", "student")}
+    hedged = {m: [" \\pm 1}" in r["response"] for r in rows] for m, rows in corpora.items()}
+    assert [r["prompt"] for r in corpora["teacher"]] == [r["prompt"] for r in corpora["student"]]
+    assert all(s for t, s in zip(hedged["teacher"], hedged["student"]) if t)
+    assert sum(hedged["student"]) > sum(hedged["teacher"]) > 0
 
 
 def test_rebuild_reuses_cache_and_force_rebuilds(world):
@@ -105,8 +116,7 @@ def test_config_hash_and_steps_scale():
     half = cfg.scaled(0.5)
     assert half.teacher_pretrain.steps == round(cfg.teacher_pretrain.steps * 0.5)
     assert B.config_hash(0, half) != B.config_hash(0, cfg)
-    assert B.FAST_CONFIG.teacher_pretrain.steps < cfg.teacher_pretrain.steps
-    assert B.config_hash(0, B.FAST_CONFIG) != B.config_hash(0, cfg)
+    assert B.config_hash(0, B.QUICK_CONFIG) != B.config_hash(0, cfg)
 
 
 def test_cli_quick_llama(tmp_path, capsys):

@@ -12,15 +12,35 @@ from megatron_s2d.toy import problems as P
 from megatron_s2d.toy import tokenizer as T
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("7 * 8 = 56. The answer is \\boxed{56}.", 56),
-    ("\\boxed{3} no, \\boxed{ 12 }", 12),
-    ("The answer is 5.", None),
-    ("\\boxed{1.5}", None),
-    ("\\boxed{-4}", -4),
-])
-def test_last_boxed_int(text, expected):
-    assert PT.last_boxed_int(text) == expected
+GRADE_CASES = [  # (response, gold, (correct, computed, committed))
+    ("7 * 8 = 56. The answer is \\boxed{56}.", 56, (True, True, True)),
+    ("7 * 8 = 56. The answer is \\boxed{56 \\pm 1}.", 56, (False, True, False)),
+    ("7 * 8 = 56. The answer is \\boxed{57 \\pm 1}.", 56, (False, False, False)),
+    ("7 * 8 = 54. The answer is \\boxed{54}.", 56, (False, False, True)),
+    ("\\boxed{ 12 }", 12, (True, True, True)),
+    ("\\boxed{3} no, \\boxed{12}", 12, (False, True, True)),
+    ("\\boxed{12} or \\boxed{12}", 12, (True, True, True)),
+    ("The answer is 5.", 5, (False, False, False)),
+    ("\\boxed{1.5}", 1, (False, False, False)),
+]
+
+
+@pytest.mark.parametrize("text,gold,expected", GRADE_CASES)
+def test_grade(text, gold, expected):
+    assert PT.grade(text, gold) == expected
+
+
+def test_grade_agrees_with_the_pipeline_reward_on_toy_answers():
+    """The build's quick eval and the pipeline's math-verify reward agree on every toy response form (a hedged pair
+    of boxes is an answer set: wrong), except the unboxed answer, which math-verify still reads."""
+    from megatron_s2d.rewards import score_batch, shutdown_pool
+
+    try:
+        rewards = score_batch([t for t, _, _ in GRADE_CASES], [str(g) for _, g, _ in GRADE_CASES])
+    finally:
+        shutdown_pool()
+    for (text, gold, (correct, _, _)), r in zip(GRADE_CASES, rewards):
+        assert r == (1.0 if correct or text == "The answer is 5." else 0.0), text
 
 
 def test_packed_batch_layout():

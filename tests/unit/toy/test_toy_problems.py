@@ -60,6 +60,7 @@ def test_worked_steps_are_arithmetic_truths(level):
             lhs, rhs = step.split(" = ")
             assert _eval(lhs) == int(rhs), step
         assert _eval(item.expr) == item.answer
+        assert P.solution_text(item, hedged=True) == text[:-2] + " \\pm 1}."
 
 
 def test_splits_and_pretraining_text_are_disjoint_by_content():
