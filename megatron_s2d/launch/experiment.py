@@ -212,6 +212,11 @@ class ConsoleFilter:
 
     def write(self, text: str) -> int:
         with self._lock:
+            if self._partial and (_TORCHX_PREFIX.match(text) or ("\r" in self._partial and text[:1] not in "\r\n")):
+                # a new line (tailed, or the launcher's own) starts while another stream's unfinished line is
+                # pending (a progress bar: its updates start with "\r" and it never writes "\n"): end that one
+                # first, so the two do not run into one line
+                text = "\n" + text
             *lines, self._partial = (self._partial + text).split("\n")
             for line in lines:
                 shown = self.filter_line(line)

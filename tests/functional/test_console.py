@@ -53,6 +53,13 @@ def test_console_filter_drops_library_noise_keeps_errors_and_adds_timing(tmp_pat
     assert shown[:-1] == KEPT  # noise gone, the tailer's "teacher_rl/0 " prefix gone, the rest unchanged
     assert re.fullmatch(r"\[teacher_rl\] step 2/6 reward_mean=0.25 entropy_mean=1.2 \| 0:0\d elapsed, ~2:00 left",
                         shown[-1]), shown[-1]
+    bar = ConsoleFilter(io.StringIO(), layout)  # a progress bar (stderr, no newline), then a tailed stdout line
+    bar.write("eval x:  50%|#####     | 8/16\reval x: 100%|##########| 16/16")
+    bar.write("base_eval/0 [base_eval] teacher_base toy-test: avg@8 = 0.3113\n")
+    assert bar.stream.getvalue().splitlines()[-1] == "[base_eval] teacher_base toy-test: avg@8 = 0.3113"
+    bar.write("\reval y: 100%|##########| 16/16")
+    bar.write("[s2d] job base_eval done in 0:26\n")
+    assert bar.stream.getvalue().splitlines()[-1] == "[s2d] job base_eval done in 0:26"
     loud = ConsoleFilter(io.StringIO(), layout, verbose=True)
     for line in lines:
         loud.write(line + "\n")
