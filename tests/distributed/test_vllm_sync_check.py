@@ -54,7 +54,7 @@ def _job(rank, world, tmp):
     calls.clear()
     stream_refit(engine, sharded_refit.sharded_hf_state(pol.module, arch, engine.layout, verify=False))
     try:  # the slice check is off for this refit: the log-prob probe still sees the wrong weights
-        engine.check_sync(pol)
+        out["probe_passed_with_diff"] = engine.check_sync(pol)
     except InternalError as e:
         out["probe"] = str(e)
     sharded_refit._embed = real_embed
@@ -76,5 +76,7 @@ def test_bad_refits_are_caught_and_named(tmp_path):
     for out in outs:
         assert out["clean"] <= 1e-4 and out["restored"] <= 1e-4
         assert "model.layers.0.self_attn.q_proj.weight" in out["wrong_slice"] and "differs" in out["wrong_slice"]
+        # (failed once in a full-suite run, KeyError 'probe', not reproduced in 9 runs alone or under load: say why)
+        assert "probe" in out, f"the log-prob probe passed a misplaced q_proj: {out.get('probe_passed_with_diff')}"
         assert "vLLM weight sync check failed" in out["probe"]
         assert "received no tensor" in out["missing_layer"] and "layers.1." in out["missing_layer"]
