@@ -27,6 +27,7 @@ COVERED = {
     "s2d run run_configs/qwen3_8b_to_1.7b.yaml --dry-run": "test_recipe_dry_run_through_console_script",
     "s2d run run_configs/qwen3_8b_to_1.7b.yaml --executor slurm":
         "tests/functional/test_slurm_real.py (real single-node SLURM; skipped with a reason without one)",
+    "s2d run run_configs/toy_cpu_all.yaml": "tests/functional/test_all_routes_plan.py",
     "s2d run PLAN.yaml": "tests/functional/test_pipeline_cli.py::test_plan_end_to_end_lineage_report_and_rerun",
     "s2d convert hf-to-megatron": "test_convert_verify_export_eval_through_console_script",
     "s2d convert megatron-to-hf": "test_convert_verify_export_eval_through_console_script",
