@@ -75,16 +75,21 @@ def _validated(correct: Sequence[Sequence[float]]) -> tuple[list[list[float]], i
     return rows, k
 
 
+def _mean_and_stderr(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean of per-problem values and its standard error, std (ddof=1) / sqrt(n); NaN when n == 1. xs: (n,), n >= 1."""
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    if n == 1:
+        return mean, float("nan")
+    var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
 def avg_at_k(correct: Sequence[Sequence[float]]) -> AvgAtK:
     """avg@k and its standard error across problems. correct: (n_problems, k) 0/1 scores."""
     rows, k = _validated(correct)
-    n = len(rows)
-    per_problem = [sum(r) / k for r in rows]  # (n,)
-    mean = math.fsum(per_problem) / n
-    if n == 1:
-        return AvgAtK(mean=mean, stderr=float("nan"), n_problems=1, k=k)
-    var = math.fsum((s - mean) ** 2 for s in per_problem) / (n - 1)
-    return AvgAtK(mean=mean, stderr=math.sqrt(var / n), n_problems=n, k=k)
+    mean, stderr = _mean_and_stderr([sum(r) / k for r in rows])  # per-problem scores, (n,)
+    return AvgAtK(mean=mean, stderr=stderr, n_problems=len(rows), k=k)
 
 
 def pass_at_k_single(n: int, c: int, k: int) -> float:
@@ -131,10 +136,5 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifferenc
     if not xs or ys is None or len(xs) != len(ys):
         raise S2DError(f"paired difference: need two equally long non-empty lists of per-problem scores, got "
                        f"{len(xs or [])} and {len(ys or [])}")
-    d = [float(x) - float(y) for x, y in zip(xs, ys)]
-    n = len(d)
-    mean = math.fsum(d) / n
-    if n == 1:
-        return PairedDifference(mean, float("nan"), 1)
-    var = math.fsum((v - mean) ** 2 for v in d) / (n - 1)
-    return PairedDifference(mean, math.sqrt(var / n), n)
+    mean, stderr = _mean_and_stderr([float(x) - float(y) for x, y in zip(xs, ys)])
+    return PairedDifference(mean, stderr, len(xs))

@@ -90,18 +90,23 @@ def contrasts(rows: list[dict]) -> list[tuple[str, str, str]]:
     for r in stages:
         if r["control"] and r["kind"] in main_of_kind:
             add(r["route"], main_of_kind[r["kind"]], f"control {r['control']} vs the main route's {r['kind']}")
-    main_students = [r["route"] for r in main if r["model"] == "student"]
-    main_final = next((m for m in reversed(main_students) if not any(by[x]["init"] == m for x in main_students)), None)
+    main_finals = _final_students(main)
     controls: dict[str, list[dict]] = {}
     for r in stages:
         if r["control"]:
             controls.setdefault(r["control"], []).append(r)
     for control, members in controls.items():
-        students = [r["route"] for r in members if r["model"] == "student"]
-        finals = [m for m in students if not any(by[x]["init"] == m for x in students)]
-        if len(members) > 1 and main_final and len(finals) == 1:
-            add(finals[0], main_final, f"control {control}: its final student vs the main route's final student")
+        finals = _final_students(members)
+        if len(members) > 1 and main_finals and len(finals) == 1:
+            add(finals[0], main_finals[-1], f"control {control}: its final student vs the main route's final student")
     return out
+
+
+def _final_students(routes: list[dict]) -> list[str]:
+    """The student routes among ``routes`` that no other of them starts from (the ends of their chains), in order."""
+    students = [r["route"] for r in routes if r["model"] == "student"]
+    inits = {r["init"] for r in routes if r["model"] == "student"}
+    return [m for m in students if m not in inits]
 
 
 def paired(rows: list[dict]) -> list[dict]:

@@ -33,9 +33,6 @@ from megatron_s2d.errors import S2DError
 from megatron_s2d.toy import problems
 from megatron_s2d.toy.tokenizer import IM_END, chat_text
 
-_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
 @dataclass(frozen=True)
 class PretrainConfig:
     """Hyper-parameters of one pre-training run. Batch sizes are in sequences per optimizer step (one process)."""
@@ -198,11 +195,11 @@ def stratified_subset(items: Sequence[Problem], per_level: int) -> list[Problem]
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_problems: Sequence[Problem], samples_per_problem: int, seed: int,
              max_new_tokens: int = 64, batch_prompts: int = 50, device: str = "cpu") -> dict:
-    """Sample `samples_per_problem` answers per problem at temperature 1 and grade the last \\boxed{} integer.
+    """Sample `samples_per_problem` answers per problem at temperature 1 and grade each with `grade`.
     Prompts are built exactly as the pipeline builds them (`data.prompts.build_prompt`, default instruction).
 
-    Returns {"accuracy": share of samples graded correct (`grade`), "computed": share whose first box is right,
-    "committed": share with a single box, "by_level": {level: accuracy}, "samples": n}.
+    Returns {"accuracy": share of samples graded correct, "computed": share whose last box holds the right number,
+    "committed": share with no hedged box, "by_level": {level: accuracy}, "samples": n}.
     """
     torch.manual_seed(seed)
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
