@@ -109,9 +109,7 @@ def plan_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp
     if dtype is None:  # keep bf16 checkpoints bf16; anything else (fp32, fp16) goes to fp32 without loss
         dtypes = {weights.tensors[n].dtype for n in hf_shapes(arch)}
         dtype = "bf16" if dtypes == {torch.bfloat16} else "fp32"
-    out = model_ckpt.check_output_dir(out_dir, overwrite)
-    if out == hf.resolve() or hf.resolve() in out.parents:
-        raise S2DError(f"--out {out} must not be (inside) the HF folder {hf}")
+    out = model_ckpt.check_output_dir(out_dir, overwrite, inputs=(hf,))
     return _Plan(hf, out, arch, weights, dtype, tp, pp, notes)
 
 
@@ -133,7 +131,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1,
         source = {"kind": "hf", "path": str(plan.hf_dir.resolve()), "model_type": plan.arch.model_type,
                   "files": [p.name for p in plan.weights.files], "storage_layout": {"tp": 1, "pp": 1}}
         model_ckpt.write_model_meta(tmp, plan.arch, plan.dtype, {"tp": plan.tp, "pp": plan.pp}, source)
-        model_ckpt.publish_dir(tmp, plan.out_dir, overwrite)
+        model_ckpt.publish_dir(tmp, plan.out_dir, overwrite, inputs=(plan.hf_dir,))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

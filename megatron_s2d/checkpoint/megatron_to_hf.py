@@ -87,7 +87,7 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_referen
     maps = tensor_maps(arch)
     reader.check(maps, arch.num_layers)
     config, config_from = resolve_config(arch, out_dtype, ckpt, ref)
-    out = model_ckpt.check_output_dir(out_dir, overwrite)
+    out = model_ckpt.check_output_dir(out_dir, overwrite, inputs=(ckpt,) + ((ref,) if ref else ()))
     torch_dtype = _TORCH_DTYPES[out_dtype]
     plan = [(n, s, torch_dtype) for m in maps for n, s in zip(m.hf_names, m.hf_shapes)]
 
@@ -103,7 +103,7 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_referen
         writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _carry_files(ckpt, ref, tmp)
-        model_ckpt.publish_dir(tmp, out, overwrite)
+        model_ckpt.publish_dir(tmp, out, overwrite, inputs=(ckpt,) + ((ref,) if ref else ()))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

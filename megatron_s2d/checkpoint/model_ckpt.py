@@ -73,18 +73,38 @@ def temp_sibling(out_dir: str | Path) -> Path:
     return out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:10]}"
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
+EXPORT_MARKER = "s2d_export.json"  # written into every folder a conversion or save publishes: --overwrite replaces
+#                                   only folders that carry it (a stage folder or a user's folder is never wiped)
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """The output folder of a conversion/save, resolved; refuses what would lose data: an existing folder without
+    ``overwrite``, an ``out`` that is, contains or lies inside one of ``inputs``, and (with ``overwrite``) an existing
+    folder that is not a previous export of ours (no :data:`EXPORT_MARKER`)."""
     out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise S2DError(f"output folder {out} already exists (pass --overwrite / overwrite=True to replace it)")
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            where = "is" if out == src else ("is inside" if src in out.parents else "contains")
+            raise S2DError(f"--out {out} {where} the input {src}: writing there would destroy the input; "
+                           f"pick an --out outside it")
     if out.exists() and not out.is_dir():
         raise S2DError(f"output path {out} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise S2DError(f"output folder {out} already exists (pass --overwrite / overwrite=True to replace it)")
+    if out.exists() and not (out / EXPORT_MARKER).is_file():
+        raise S2DError(f"output folder {out} exists and is not a previous export of megatron-s2d (no {EXPORT_MARKER} "
+                       f"in it), so --overwrite will not replace it: pick another --out, or move that folder away "
+                       f"yourself")
     return out
 
 
-def publish_dir(tmp: Path, out_dir: str | Path, overwrite: bool) -> Path:
-    """Move the finished ``tmp`` folder to ``out_dir``; an existing folder is replaced only now, at the very end."""
-    out = check_output_dir(out_dir, overwrite)
+def publish_dir(tmp: Path, out_dir: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Move the finished ``tmp`` folder to ``out_dir`` (marked as our export); an existing folder is replaced only
+    now, at the very end, and only after :func:`check_output_dir` agreed again."""
+    out = check_output_dir(out_dir, overwrite, inputs)
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"format": "megatron-s2d/export/v1",
+                                                  "inputs": [str(Path(i).resolve()) for i in inputs]}) + "\n")
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:10]}"
         os.rename(out, old)
