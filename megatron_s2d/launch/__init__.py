@@ -9,8 +9,8 @@ from megatron_s2d.launch.checks import JobCheck, check_jobs, format_table, resol
 from megatron_s2d.launch.experiment import (JobSelection, PlannedRun, dry_run, launch_plan, plan_launch, render,
                                             run_plan, submit)
 from megatron_s2d.launch.jobs import Job, plan_jobs
-from megatron_s2d.launch.memory import MemoryEstimate, estimate_stage_memory
+from megatron_s2d.models.memory import StageMemory, estimate_stage_memory, vllm_memory_fraction
 
-__all__ = ["Job", "JobCheck", "JobSelection", "MemoryEstimate", "PlannedRun", "check_jobs", "dry_run",
+__all__ = ["Job", "JobCheck", "JobSelection", "PlannedRun", "StageMemory", "check_jobs", "dry_run",
            "estimate_stage_memory", "format_table", "launch_plan", "plan_jobs", "plan_launch", "render",
-           "resolve_arch", "run_plan", "submit"]
+           "resolve_arch", "run_plan", "submit", "vllm_memory_fraction"]

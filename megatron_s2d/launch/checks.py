@@ -10,8 +10,11 @@ For each job (all stages share the plan's allocation: ``launch.nodes`` x ``launc
     by PP);
   * the prompts of a step divide over the trained model's DP ranks and every rank has rows for every update
     (``config.validate.batch_layout_errors``, the same check the plan loader runs);
-  * the per-GPU memory estimate of :mod:`megatron_s2d.launch.memory` fits ``launch.gpu_memory_gib``.
-All problems are collected and raised together (one :class:`S2DError` naming stage, field and numbers).
+  * the per-GPU memory estimate of :mod:`megatron_s2d.models.memory` fits ``launch.gpu_memory_gib`` in both phases
+    (``train_peak``, ``gen_peak``), and a set ``rollout.vllm.gpu_memory_utilization`` fits next to the trainer.
+All problems are collected and raised together (one :class:`S2DError` naming stage, field and numbers); when only
+memory does not fit, the error (:class:`MemoryBudgetError`) carries the checks, so the dry run prints the table,
+over-budget peaks flagged, before it fails.
 
 Model sizes come from the model's HF ``config.json``: ``models.<role>.hf`` when that folder has one; otherwise
 the package's ``models/hf_configs/<basename(hf)>/config.json`` (shipped copies of the real Qwen3 / Llama configs, so
@@ -21,20 +24,18 @@ for toy plans the toy world's shapes (the shipped world's, or a built ``<run_dir
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_s2d.config.schema import PlanConfig
 from megatron_s2d.config.kinds import models_of
-from megatron_s2d.config.validate import generating_model, layout_errors, trained_model, vllm_tp
-from megatron_s2d.errors import S2DError
+from megatron_s2d.config.validate import context_errors, generating_model, layout_errors, vllm_tp
+from megatron_s2d.data.sources import data_source_errors
+from megatron_s2d.errors import S2DError, read_json
 from megatron_s2d.launch.jobs import Job
-from megatron_s2d.launch.memory import (
-    GIB, OVERHEAD_GIB, MemoryEstimate, dtype_bytes, engine_bytes, estimate_stage_memory, params_on_heaviest_stage,
-)
+from megatron_s2d.models.memory import StageMemory, estimate_base_eval_memory, estimate_stage_memory
 from megatron_s2d.models.arch import ArchSpec, arch_from_hf_config, check_layout, load_arch
-from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
+from megatron_s2d.stages.layout import RunLayout
 
 HF_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "models" / "hf_configs"  # package data
 MEGATRON_META = "s2d_model.json"  # written by megatron_s2d.checkpoint.model_ckpt (read here without importing torch)
@@ -45,13 +46,13 @@ TOY_VOCAB = 384
 
 
 def _toy_arch(role: str) -> ArchSpec:
-    from megatron_s2d.toy.models import STUDENT_SPEC, TEACHER_SPEC
+    from megatron_s2d.toy.models import MAX_POSITION_EMBEDDINGS, STUDENT_SPEC, TEACHER_SPEC
 
     spec = TEACHER_SPEC if role == "teacher" else STUDENT_SPEC
     cfg = {"model_type": "qwen3", "vocab_size": TOY_VOCAB, "hidden_size": spec.hidden_size,
            "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
            "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-           "tie_word_embeddings": spec.tie_word_embeddings}
+           "tie_word_embeddings": spec.tie_word_embeddings, "max_position_embeddings": MAX_POSITION_EMBEDDINGS}
     return arch_from_hf_config(cfg, where=f"toy {role}")
 
 
@@ -72,7 +73,7 @@ def resolve_arch(plan: PlanConfig, role: str) -> tuple[ArchSpec, str]:
         if not meta.is_file():
             raise S2DError(f"models.{role}.megatron = {m.megatron!r}: {meta} not found (not a megatron-s2d model "
                            f"checkpoint)")
-        return ArchSpec.from_json(json.loads(meta.read_text())["arch"]), str(meta)
+        return ArchSpec.from_json(read_json(meta)["arch"]), str(meta)
     from megatron_s2d.toy.build import shipped_world
 
     world, _ = shipped_world(plan.toy_world_seed)
@@ -91,7 +92,7 @@ class JobCheck:
     gpus_per_node: int
     layouts: dict[str, tuple[int, int, int]]  # role -> (tp, pp, dp) of each model the job runs
     params: dict[str, int]  # role -> parameter count
-    memory: MemoryEstimate
+    memory: StageMemory
     generation: str = "-"  # how the job's rollouts are generated, e.g. "vllm t:tp8x2" (role, vLLM tp x replicas)
 
     @property
@@ -99,22 +100,18 @@ class JobCheck:
         return self.nodes * self.gpus_per_node
 
 
-def _eval_memory(plan: PlanConfig, archs: dict[str, ArchSpec]) -> MemoryEstimate:
-    """base_eval: each base model's weights plus its engine reserve, one model at a time (the max of the two)."""
-    best = None
-    for role, arch in archs.items():
-        m = plan.models[role]
-        w = params_on_heaviest_stage(arch, m.tp, m.pp) * dtype_bytes(m.dtype)
-        r = engine_bytes(arch, m, plan.eval.engine, plan.eval.max_new_tokens)
-        est = MemoryEstimate(BASE_EVAL, w / GIB, 0.0, 0.0, 0.0, 0.0, r / GIB, OVERHEAD_GIB,
-                             plan.launch.gpu_memory_gib)
-        best = est if best is None or est.total_gib > best.total_gib else best
-    return best
+class MemoryBudgetError(S2DError):
+    """Every layout is valid but some job does not fit its GPUs; ``checks`` holds every job's check for the table."""
+
+    def __init__(self, message: str, checks: list["JobCheck"]):
+        super().__init__(message)
+        self.checks = checks
 
 
-
-def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: list[str]) -> JobCheck | None:
-    """Validate one job, appending problems to ``errors``; returns its check (None for the report job)."""
+def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: list[str],
+              memory_errors: list[str] | None = None) -> JobCheck | None:
+    """Validate one job, appending problems to ``errors`` (memory ones to ``memory_errors``, default ``errors``);
+    returns its check (None for the report job)."""
     if job.kind == "report":
         return None
     nodes, gpn = plan.launch.nodes, plan.launch.procs_per_node
@@ -136,13 +133,8 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
         params[role] = arch.num_params
     if len(errors) > n_errors or len(layouts) < len(roles):
         return None
-    if stage is None:
-        memory = _eval_memory(plan, archs)
-    else:
-        memory = estimate_stage_memory(plan, stage, archs, layouts[trained_model(stage)][2])
-    if not memory.fits:
-        errors.append(f"{job.name}: over the per-GPU memory budget: {memory.describe()}; lower "
-                      f"micro_batch_tokens, raise tp/pp, enable models.<role>.recompute, or add nodes")
+    memory = estimate_base_eval_memory(plan, archs) if stage is None else estimate_stage_memory(plan, stage, archs)
+    (errors if memory_errors is None else memory_errors).extend(memory.problems)
     generation = "-"
     if stage is not None:
         role = generating_model(stage)
@@ -155,7 +147,8 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
             except S2DError as e:
                 errors.append(str(e))
             engine = "vllm" if stage.rollout.engine == "vllm" else "auto(vllm)"
-            generation = f"{engine} {role[0]}:tp{vtp}x{world // vtp}"
+            v = memory.vllm
+            generation = f"{engine} {role[0]}:tp{vtp}x{world // vtp} u={v.util:.2f}{'' if v.derived else ' set'}"
     return JobCheck(job, nodes, gpn, layouts, params, memory, generation)
 
 
@@ -171,9 +164,17 @@ def check_jobs(plan: PlanConfig, jobs: list[Job]) -> list[JobCheck]:
     if errors:
         raise S2DError("dry run: cannot read the model configs:\n  - " + "\n  - ".join(errors))
     errors.extend(layout_errors(plan))  # divisibility: the plan loader's check, again on the plan as given here
-    checks = [c for c in (check_job(plan, j, archs, errors) for j in jobs) if c is not None]
-    if errors:
-        raise S2DError(f"dry run of plan {plan.name!r} found {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    # what a run checks before anything heavy (run.preflight.check_inputs), from the configs read here
+    errors.extend(context_errors(plan, {role: arch.max_position_embeddings for role, arch in archs.items()}))
+    errors.extend(data_source_errors(plan.data))
+    memory_errors: list[str] = []
+    checks = [c for c in (check_job(plan, j, archs, errors, memory_errors) for j in jobs) if c is not None]
+    if errors or memory_errors:
+        problems = errors + memory_errors
+        message = f"dry run of plan {plan.name!r} found {len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
+        if errors:
+            raise S2DError(message)
+        raise MemoryBudgetError(message, checks)
     return checks
 
 
@@ -181,10 +182,17 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _peaks(m: StageMemory) -> tuple[str, str]:
+    """``train_peak`` and ``gen_peak`` cells; "!" marks a phase that does not fit (vLLM: also a share too small for
+    one sequence)."""
+    train = f"{m.train_peak_gib:.1f}" + ("!" if m.train_problems else "") if m.trains else "-"
+    return train, f"{m.gen_peak_gib:.1f}" + ("!" if m.gen_problems else "")
+
+
 def format_table(checks: list[JobCheck], scripts: dict[str, str]) -> str:
-    """One row per job: nodes, GPUs, TP/PP/DP per model, parameters, memory terms (GiB), script path."""
-    head = ("job", "nodes", "gpus", "tp/pp/dp", "params", "generation", "weights", "grads+optim", "act", "teacher",
-            "rollout", "total", "budget", "script")
+    """One row per job: nodes, GPUs, TP/PP/DP per model, parameters, memory terms and phase peaks (GiB), script."""
+    head = ("job", "nodes", "gpus", "tp/pp/dp", "params", "generation", "weights", "teacher", "fp8", "grads+optim",
+            "act", "engine", "train_peak", "gen_peak", "budget", "script")
     rows = [head]
     for c in checks:
         lay = " ".join(f"{r[0]}:{t}/{p}/{d}" for r, (t, p, d) in c.layouts.items())
@@ -192,13 +200,21 @@ def format_table(checks: list[JobCheck], scripts: dict[str, str]) -> str:
         m = c.memory
         name = c.job.name + (" (complete)" if c.job.complete else "")
         rows.append((name, str(c.nodes), str(c.world), lay, par, c.generation, f"{m.weights_gib:.1f}",
-                     f"{m.grads_gib + m.optim_gib:.1f}", f"{m.activations_gib:.1f}", f"{m.teacher_gib:.1f}",
-                     f"{m.rollout_gib:.1f}", f"{m.total_gib:.1f}", f"{m.budget_gib:.0f}", scripts.get(c.job.name, "")))
+                     f"{m.frozen_gib:.1f}", f"{m.fp8_gib:.1f}", f"{m.grads_gib + m.optim_gib:.1f}",
+                     f"{m.activations_gib:.1f}", f"{m.gen_peak_gib - m.resident_gib:.1f}", *_peaks(m),
+                     f"{m.budget_gib:g}", scripts.get(c.job.name, "")))
     for name, path in scripts.items():
         if name not in {c.job.name for c in checks}:
-            rows.append((name, "1", "0", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", path))
+            rows.append((name, "1", "0", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", path))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + ("\n(memory in GiB per GPU; tp/pp/dp per model: t = teacher, s = student; generation: "
-                               "engine, generating model, vLLM tp x replicas, colocated on the job's GPUs)")
+    overhead = next((c.memory.overhead_gib for c in checks), 0.0)
+    return "\n".join(lines + [
+        "(memory in GiB per GPU; tp/pp/dp per model: t = teacher, s = student; generation: engine, generating model, "
+        "vLLM tp x replicas, colocated on the job's GPUs)",
+        "(u = vLLM's gpu_memory_utilization, derived from this estimate unless marked set; engine = vLLM's share "
+        "u x budget, or the megatron sampler's KV cache + working memory)",
+        f"(train_peak = weights + teacher + fp8 + grads+optim + act; gen_peak = weights + teacher + fp8 + engine, "
+        f"grads and optimizer on the host (the final evaluation counts them); both + {overhead:g} CUDA context/NCCL; "
+        "! = does not fit; formulas: megatron_s2d/models/memory.py)"])

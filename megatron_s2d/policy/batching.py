@@ -12,6 +12,12 @@ per-row fields stay per-row, and ``pack_index`` maps each row position to its pa
 compute on the packed logits and hand the losses the usual (rows, T) tensors (see ``objectives``).
 
 Loss normalisers are global (see losses/), so neither cut changes the objective.
+
+Token multiple (``multiple``, ``models.build.token_multiple``): FP8 GEMMs need every forward's token count to be a
+multiple of 16 (128 for blockwise scaling), and sequence parallelism a multiple of the TP size. A padded micro-batch's
+length is rounded up to it (the extra positions are zero: ``loss_mask`` 0, so no loss, and causal attention keeps
+them from reaching a real token); a packed row gets a filler sequence of its own at the end
+(:func:`pad_packed`), whose logits are dropped before the objective sees them.
 """
 
 from __future__ import annotations
@@ -33,27 +39,35 @@ class MicroBatchPlan:
         return sum(len(g) * l for g, l in zip(self.groups, self.lengths))
 
 
-def _longest_first(lengths: list[int], micro_batch_tokens: int) -> list[int]:
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _longest_first(lengths: list[int], micro_batch_tokens: int, multiple: int = 1) -> list[int]:
     """Row indices by length, longest first (ties by index: deterministic); every row must fit the budget."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    if lengths[order[0]] > micro_batch_tokens:
+    longest = lengths[order[0]]
+    if round_up(longest, multiple) > micro_batch_tokens:
+        padded = f", {round_up(longest, multiple)} once padded to a multiple of {multiple} (FP8 / sequence " \
+                 "parallelism)" if multiple > 1 else ""
         raise S2DError(f"micro_batch_tokens = {micro_batch_tokens} is smaller than the longest sequence "
-                       f"({lengths[order[0]]} tokens): raise micro_batch_tokens")
+                       f"({longest} tokens{padded}): raise micro_batch_tokens")
     return order
 
 
-def plan_micro_batches(lengths: list[int], micro_batch_tokens: int) -> MicroBatchPlan:
-    """Greedy, deterministic packing of rows into micro-batches under a padded-token budget."""
+def plan_micro_batches(lengths: list[int], micro_batch_tokens: int, multiple: int = 1) -> MicroBatchPlan:
+    """Greedy, deterministic packing of rows into micro-batches under a padded-token budget; each micro-batch's
+    length is its longest row rounded up to ``multiple``."""
     if not lengths:
         return MicroBatchPlan([], [])
-    order = _longest_first(lengths, micro_batch_tokens)
+    order = _longest_first(lengths, micro_batch_tokens, multiple)
     groups, lens, cur, cur_len = [], [], [], 0
     for i in order:
-        new_len = max(cur_len, lengths[i])
+        new_len = max(cur_len, round_up(lengths[i], multiple))
         if cur and new_len * (len(cur) + 1) > micro_batch_tokens:
             groups.append(cur)
             lens.append(cur_len)
-            cur, new_len = [], lengths[i]
+            cur, new_len = [], round_up(lengths[i], multiple)
         cur.append(i)
         cur_len = new_len
     groups.append(cur)
@@ -62,23 +76,27 @@ def plan_micro_batches(lengths: list[int], micro_batch_tokens: int) -> MicroBatc
 
 
 def scatter_rows(parts, n: int, t: int) -> dict[str, torch.Tensor]:
-    """Reassemble per-row values into (n, t, ...) CPU tensors: ``parts`` yields (row indices, {key: (r, T_r, ...)})
-    with T_r <= t; positions past T_r stay zero."""
+    """Reassemble per-row values into (n, t, ...) CPU tensors: ``parts`` yields (row indices, {key: (r, T_r, ...)});
+    positions past T_r stay zero, positions past t (padding to a token multiple) are dropped."""
     out: dict[str, torch.Tensor] = {}
     for rows, values in parts:
         for k, v in values.items():
             if k not in out:
                 out[k] = torch.zeros((n, t) + tuple(v.shape[2:]), dtype=v.dtype)
-            out[k][rows, : v.shape[1]] = v.cpu()
+            w = min(v.shape[1], t)
+            out[k][rows, :w] = v[:, :w].cpu()
     return out
 
 
 def slice_batch(batch: dict[str, torch.Tensor], rows: list[int], length: int) -> dict[str, torch.Tensor]:
-    """Select ``rows`` and trim the time axis (dim 1) to ``length`` for every (N, T, ...) tensor in ``batch``."""
+    """Select ``rows`` and set the time axis (dim 1) of every (N, T, ...) tensor in ``batch`` to ``length``: trimmed,
+    or zero-padded past T (a length rounded up to a token multiple)."""
     idx = torch.tensor(rows, dtype=torch.long)
     out = {}
     for k, v in batch.items():
         v = v.index_select(0, idx.to(v.device))
+        if v.dim() >= 2 and v.shape[1] < length:
+            v = torch.cat([v, v.new_zeros((v.shape[0], length - v.shape[1]) + tuple(v.shape[2:]))], dim=1)
         out[k] = v[:, :length] if v.dim() >= 2 else v
     return out
 
@@ -98,14 +116,17 @@ def placeholder_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def plan_packs(lengths: list[int], micro_batch_tokens: int) -> MicroBatchPlan:
-    """First-fit decreasing bins of whole sequences with at most ``micro_batch_tokens`` real tokens each.
+def plan_packs(lengths: list[int], micro_batch_tokens: int, multiple: int = 1) -> MicroBatchPlan:
+    """First-fit decreasing bins of whole sequences with at most ``micro_batch_tokens`` real tokens each (rounded
+    down to ``multiple``, so that a bin padded by :func:`pad_packed` stays within the budget).
 
-    ``lengths`` of the plan are the packed lengths (sum of the bin's sequence lengths). Deterministic.
+    ``lengths`` of the plan are the packed lengths (sum of the bin's sequence lengths, rounded up to ``multiple``:
+    what the model runs on). Deterministic.
     """
     if not lengths:
         return MicroBatchPlan([], [])
-    order = _longest_first(lengths, micro_batch_tokens)
+    order = _longest_first(lengths, micro_batch_tokens, multiple)
+    micro_batch_tokens -= micro_batch_tokens % multiple  # a row fits iff round_up(length, multiple) <= the budget
     bins: list[list[int]] = []
     room: list[int] = []
     for i in order:
@@ -117,13 +138,13 @@ def plan_packs(lengths: list[int], micro_batch_tokens: int) -> MicroBatchPlan:
         else:
             bins.append([i])
             room.append(micro_batch_tokens - lengths[i])
-    return _PackPlan(bins, [micro_batch_tokens - r for r in room])
+    return _PackPlan(bins, [round_up(micro_batch_tokens - r, multiple) for r in room])
 
 
 class _PackPlan(MicroBatchPlan):
     @property
     def padded_tokens(self) -> int:
-        return sum(self.lengths)  # nothing is padding
+        return sum(self.lengths)  # nothing is padding but the filler up to the token multiple
 
 
 def pack_rows(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
@@ -150,6 +171,22 @@ def pack_rows(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torc
     out["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int32), ends.to(torch.int32)])
     out["pack_positions"] = t.expand(len(rows), -1)[valid].unsqueeze(0)
     return out
+
+
+def pad_packed(tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+               multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model input of a packed row padded to a multiple of ``multiple`` tokens: a filler sequence of zeros
+    (positions 0.., its own ``cu_seqlens`` segment) appended, so attention keeps it apart from every real sequence.
+    (1, S) tokens and positions, (n + 1,) cu_seqlens -> (1, S'), (1, S'), (n + 2,) or unchanged when S is a multiple;
+    the caller drops the logits past S."""
+    s = tokens.shape[1]
+    pad = round_up(s, multiple) - s
+    if pad == 0:
+        return tokens, positions, cu_seqlens
+    tokens = torch.cat([tokens, tokens.new_zeros((1, pad))], dim=1)
+    positions = torch.cat([positions, torch.arange(pad, dtype=positions.dtype, device=positions.device)[None]], dim=1)
+    cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([s + pad])])
+    return tokens, positions, cu_seqlens
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:

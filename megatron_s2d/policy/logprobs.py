@@ -106,8 +106,10 @@ def _check_options(chunk_size: int | None, temperature: float) -> None:
         raise S2DError(f"temperature: expected a finite number > 0, got {temperature!r}")
 
 
-def _flat_targets(logits: torch.Tensor, target_ids: torch.Tensor, shard: _Shard) -> tuple[torch.Tensor, bool]:
-    """Check `target_ids` against `logits` (*lead, V_local); return ids (N, K) int64 and whether K was given."""
+def _flat_targets(logits: torch.Tensor, target_ids: torch.Tensor, shard: _Shard,
+                  check_ids: bool = True) -> tuple[torch.Tensor, bool]:
+    """Check `target_ids` against `logits` (*lead, V_local); return ids (N, K) int64 and whether K was given.
+    ``check_ids``: also check that every id is in the vocabulary (one host sync on a GPU)."""
     lead = logits.shape[:-1]
     if target_ids.dtype in (torch.bool,) or target_ids.is_floating_point() or target_ids.is_complex():
         raise S2DError(f"target_ids: expected an integer tensor, got dtype {target_ids.dtype}")
@@ -121,7 +123,7 @@ def _flat_targets(logits: torch.Tensor, target_ids: torch.Tensor, shard: _Shard)
             f"{tuple(lead)} or {tuple(lead)} + (K,)"
         )
     ids = target_ids.reshape(-1, target_ids.shape[-1] if has_k else 1).to(device=logits.device, dtype=torch.long)
-    if ids.numel() and bool((ids.min() < 0) | (ids.max() >= shard.vocab_size)):
+    if check_ids and ids.numel() and bool((ids.min() < 0) | (ids.max() >= shard.vocab_size)):
         bad = ids[(ids < 0) | (ids >= shard.vocab_size)][0].item()
         raise S2DError(f"target_ids: id {bad} is outside the vocabulary [0, {shard.vocab_size})")
     return ids, has_k
@@ -239,6 +241,7 @@ def token_logprobs(
     chunk_size: int | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    check_ids: bool = True,
 ):
     """Log-probs of `target_ids` under softmax(logits / temperature), from a vocab-parallel shard.
 
@@ -251,6 +254,8 @@ def token_logprobs(
         temperature: the logits are divided by it first.
         return_entropy: also return the entropy (B, T) of softmax(logits / temperature), computed in the same
             pass (no gradient: a metric; use :func:`entropy` for a differentiable one).
+        check_ids: refuse ids outside the vocabulary (S2DError). It costs a host sync: a caller whose ids come from
+            sampling over the same vocabulary (the megatron sampler's decode loop) passes False.
 
     Returns:
         (B, T) or (B, T, K) fp32 log-probs (fp64 for fp64 logits), differentiable w.r.t. `logits`; the gradient is
@@ -258,7 +263,7 @@ def token_logprobs(
     """
     shard = _shard_of(logits, tp_group)
     _check_options(chunk_size, temperature)
-    ids, has_k = _flat_targets(logits, target_ids, shard)  # (N, K)
+    ids, has_k = _flat_targets(logits, target_ids, shard, check_ids)  # (N, K)
     flat = logits.reshape(-1, shard.v_local)  # (N, V_local)
     out, ent = _TokenLogprobs.apply(flat, ids, shard, chunk_size, float(temperature), bool(return_entropy))
     out = out.reshape(target_ids.shape) if has_k else out.reshape(logits.shape[:-1])

@@ -16,7 +16,6 @@ one code path. Objectives are callables ``(logits_shard (B,T,V/tp), micro_batch)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -29,8 +28,8 @@ from megatron_s2d.models.arch import ArchSpec
 from megatron_s2d.models.build import ModelOptions, build_gpt_model
 from megatron_s2d.policy import objectives as O
 from megatron_s2d.policy.batch import RolloutBatch
-from megatron_s2d.policy.batching import (block_causal_mask, pack_rows, placeholder_batch, plan_micro_batches,
-                                          plan_packs, scatter_rows, slice_batch)
+from megatron_s2d.policy.batching import (block_causal_mask, pack_rows, pad_packed, placeholder_batch,
+                                          plan_micro_batches, plan_packs, scatter_rows, slice_batch)
 from megatron_s2d.policy.interface import ScoringMethods
 
 Objective = O.Objective
@@ -73,9 +72,6 @@ class MegatronPolicy(ScoringMethods):
             raise S2DError(f"model.pack_sequences = {pack!r}; expected 'auto', true or false")
         # "auto" pads for now: the THD path (Transformer Engine) has a GPU test that has not run yet
         self.pack_sequences = False if pack == "auto" else pack
-        if self.pack_sequences and model_cfg.fp8:
-            raise S2DError("model.pack_sequences with model.fp8: FP8 GEMMs need each packed sequence padded to a "
-                           "multiple of 16 tokens, which is not implemented; set pack_sequences: false (or auto)")
         # a layout of its own (runtime.groups.ModelGroups) is for frozen models only: training needs megatron's
         # global groups (DDP, the optimizer, finalize_model_grads)
         self.groups = groups if groups is not None and not groups.is_global else None
@@ -101,6 +97,8 @@ class MegatronPolicy(ScoringMethods):
             self.is_last_stage = g.pp_rank == g.pp - 1
             self.pp_last_rank = torch.distributed.get_global_rank(self.pp_group, g.pp - 1)
         self.uses_te = bool(getattr(model, "s2d_uses_te", False))
+        # every forward's token count is padded to this (FP8 GEMM shapes, sequence parallelism: models.build)
+        self.token_multiple = int(getattr(model, "s2d_token_multiple", 1))
         self.optimizer = self.scheduler = None
         if self.trainable:
             model.config.calculate_per_token_loss = True
@@ -166,10 +164,10 @@ class MegatronPolicy(ScoringMethods):
             batch = placeholder_batch(batch)
         lengths = batch["lengths"].tolist()
         if self.pack_sequences:
-            plan = plan_packs(lengths, micro_batch_tokens)
+            plan = plan_packs(lengths, micro_batch_tokens, self.token_multiple)
             micro = [dict(pack_rows(batch, rows), rows=torch.tensor(rows)) for rows in plan.groups]
         else:
-            plan = plan_micro_batches(lengths, micro_batch_tokens)
+            plan = plan_micro_batches(lengths, micro_batch_tokens, self.token_multiple)
             micro = [dict(slice_batch(batch, rows, length), rows=torch.tensor(rows))
                      for rows, length in zip(plan.groups, plan.lengths)]
         device = next(self.module.parameters()).device
@@ -205,18 +203,24 @@ class MegatronPolicy(ScoringMethods):
         return self._from_last_stage(store), len(micro), plan.padded_tokens
 
     def _packed_forward(self, model, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (1, S, V/tp) of a packed micro-batch: attention stays within each sequence."""
-        tokens, pos, cu = mb["packed_tokens"], mb["pack_positions"], mb["cu_seqlens"]
+        """Logits (1, S, V/tp) of a packed micro-batch: attention stays within each sequence. The model runs on the
+        row padded to the token multiple (a filler sequence at the end: ``batching.pad_packed``); its logits are cut
+        off here, so the objective sees the S real positions only."""
+        s = mb["packed_tokens"].shape[1]
+        tokens, pos, cu = pad_packed(mb["packed_tokens"], mb["pack_positions"], mb["cu_seqlens"],
+                                     self.token_multiple)
         if self.uses_te:  # THD varlen attention; RoPE positions restart at every cu_seqlens boundary
             from megatron.core.packed_seq_params import PackedSeqParams
 
             cu = cu.to(torch.int32)
-            longest = int(mb["lengths"].max())
+            longest = max(int(mb["lengths"].max()), tokens.shape[1] - s)  # the filler is a sequence too
             psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                                   max_seqlen_kv=longest)
-            return model(tokens, pos, None, packed_seq_params=psp)
-        # local spec: a block-diagonal causal mask; RoPE is relative, so the packed offsets cancel inside a block
-        return model(tokens, pos, block_causal_mask(cu.cpu()).to(tokens.device))
+            out = model(tokens, pos, None, packed_seq_params=psp)
+        else:  # local spec: a block-diagonal causal mask; RoPE is relative, so the packed offsets cancel in a block
+            out = model(tokens, pos, block_causal_mask(cu.cpu()).to(tokens.device))
+        # the last stage returns (1, S', V/tp) logits (a contiguous slice: batch 1); other stages hidden states
+        return out[:, :s] if self.module.post_process else out
 
     def _from_last_stage(self, store: list[dict]) -> list[dict]:
         """The schedule's outputs live on the last pipeline stage: broadcast them to the other stages."""
@@ -232,7 +236,7 @@ class MegatronPolicy(ScoringMethods):
     def forward_values(self, batch: dict[str, torch.Tensor], objective: Objective,
                        micro_batch_tokens: int) -> dict[str, torch.Tensor]:
         """Forward only; ``objective`` returns per-row tensors in its metrics (dim 0 = row). Reassembled in batch
-        order and padded on dim 1 to the batch's T."""
+        order and padded on dim 1 to the batch's T. Total: an empty batch gets the same keys, (0, T, ...) each."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -240,8 +244,8 @@ class MegatronPolicy(ScoringMethods):
         finally:
             self.model.train(was_training)
         n, t = batch["tokens"].shape
-        if n == 0:  # the placeholder row of an empty share is not a result
-            store = []
+        if n == 0:  # the placeholder row of an empty share is not a result: its keys and shapes are (0 rows of each)
+            store = [{k: v[:0] for k, v in d.items()} for d in store]
         out = scatter_rows(((d["rows"], {k: v for k, v in d.items() if k != "rows"}) for d in store), n, t)
         # positions past a row's length depend on how rows were grouped into micro-batches: zero them so the
         # result is a function of the row alone
@@ -266,13 +270,11 @@ class MegatronPolicy(ScoringMethods):
         metrics = _sum_metrics(store)
         from megatron_s2d.runtime.dist import comm_device
 
-        finite = torch.tensor([1.0 if all(math.isfinite(float(v)) for v in metrics.values()) else 0.0],
-                              device=comm_device())
-        for p in self.module.parameters():
-            g = getattr(p, "main_grad", None)
-            if g is not None and not torch.isfinite(g).all():
-                finite.zero_()
-                break
+        # one check per gradient buffer (every main_grad is a view into one), not one host sync per parameter
+        checks = [torch.isfinite(b.grad_data).all() for b in self.model.buffers + self.model.expert_parallel_buffers]
+        checks += [torch.isfinite(v).all() for v in metrics.values()]
+        finite = torch.stack([c.to(comm_device()) for c in checks]).all().to(torch.float32).reshape(1) if checks \
+            else torch.ones(1, device=comm_device())
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if finite.item() < 1:
             self.optimizer.zero_grad()

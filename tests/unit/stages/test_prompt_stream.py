@@ -46,3 +46,12 @@ def test_labels_counted_as_distinct_problems_and_errors():
         _stream(0, 3).step(0, 4)
     with pytest.raises(S2DError, match="split '1H' is empty"):
         PromptStream([], [], seed=0, stage="s", split="1H", dp_rank=0, dp_size=1)
+
+
+def test_prompts_longer_than_data_max_prompt_tokens_are_refused_naming_the_row():
+    ids = [[1] * (3 if i in (4, 7) else 2) for i in range(10)]  # rows 4 and 7: 3 tokens
+    kw = dict(seed=3, stage="s", split="1H", dp_rank=0, dp_size=1)
+    assert PromptStream(PROBLEMS, ids, max_prompt_tokens=3, **kw).step(0, 2)  # at the limit: accepted
+    with pytest.raises(S2DError, match=r"stages\.s: split '1H' row 4 \(problem '4'\) is a 3-token prompt, longer "
+                                       r"than data\.max_prompt_tokens = 2 \(2 of the split's 10 prompts"):
+        PromptStream(PROBLEMS, ids, max_prompt_tokens=2, **kw)
