@@ -66,15 +66,17 @@ def main() -> None:
     root = box[0]
     save_model_checkpoint(policy.module, f"{root}/ckpt", arch, "fp32", overwrite=True)
     t0 = time.perf_counter()
-    vllm = make_engine("vllm", policy, ckpt_dir=f"{root}/ckpt", work_dir=root, stop_ids=(3,), pad_id=0,
-                       vllm=VLLMConfig(cpu_kvcache_gib=0.5), seed=1)
+    colocated = make_engine("vllm", policy, ckpt_dir=f"{root}/ckpt", work_dir=root, stop_ids=(3,), pad_id=0,
+                            vllm=VLLMConfig(cpu_kvcache_gib=0.5, sleep=False), seed=1)  # no sleep/refit per call:
+    vllm = colocated.vllm                                                                  # generation alone is timed
+    vllm.sync_weights(policy)  # the first refit, now (a stage's engine refits lazily, at its first generation)
     say(f"vLLM build + first refit: {time.perf_counter() - t0:.1f} s")
     sampler = MegatronSampler(policy.module, arch, eos_token_ids=[3], pad_token_id=0)
     gp = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, 4096, (int(torch.randint(8, 24, (1,), generator=gp)),), generator=gp).tolist()
                for _ in range(args.prompts)]
     params = SamplingParams(n=args.samples, temperature=1.0, max_new_tokens=args.new_tokens, seed=3)
-    for name, engine in (("megatron sampler", sampler), ("vLLM colocated", vllm)):
+    for name, engine in (("megatron sampler", sampler), ("vLLM colocated", colocated)):
         engine.generate(prompts[:2], params)  # warm-up
         torch.distributed.barrier()
         t0 = time.perf_counter()

@@ -56,8 +56,16 @@ def _verify(args) -> int:
     return 0 if r.ok else 1
 
 
-def _add_leafs(sub) -> None:
-    p = sub.add_parser("hf-to-megatron", help="HF safetensors folder -> megatron-s2d model checkpoint folder")
+def _example(command: str) -> str:
+    return f"example:\n  {command}"
+
+
+def _add_leafs(sub, **parser_kw) -> None:
+    """The three leaf parsers; ``parser_kw`` goes to each (``s2d`` passes its help formatter)."""
+    what = "HF safetensors folder -> megatron-s2d model checkpoint folder"
+    p = sub.add_parser("hf-to-megatron", help=what, description=what, **parser_kw,
+                       epilog=_example("s2d convert hf-to-megatron --hf Qwen3-8B --out ckpt/qwen3-8b --tp 2 --pp 1 "
+                                       "--dtype bf16"))
     p.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--tp", type=int, default=1, help="intended tensor-parallel size (validated, recorded)")
@@ -67,32 +75,42 @@ def _add_leafs(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out (only once the new folder is complete)")
     p.set_defaults(fn=_hf_to_megatron)
 
-    p = sub.add_parser("megatron-to-hf", help="megatron-s2d model checkpoint folder -> HF safetensors folder")
+    what = "megatron-s2d model checkpoint folder -> HF safetensors folder"
+    p = sub.add_parser("megatron-to-hf", help=what, description=what, **parser_kw,
+                       epilog=_example("s2d convert megatron-to-hf --megatron runs/x/stages/student_rl/checkpoints/"
+                                       "step_000200 --out release/"))
     p.add_argument("--megatron", required=True, help="megatron-s2d model checkpoint folder")
     p.add_argument("--out", required=True, help="output HF folder")
     p.add_argument("--hf-reference", default=None, help="HF folder whose config.json / tokenizer to use")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="output dtype (default: as stored)")
     p.add_argument("--shard-size", default="5GB", help="max safetensors shard size, e.g. 5GB, 500MB")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds a previous export")
     p.set_defaults(fn=_megatron_to_hf)
 
-    p = sub.add_parser("verify", help="compare HF and megatron logits on the same tokens (fp32)")
-    p.add_argument("--hf", required=True)
-    p.add_argument("--megatron", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    what = "compare HF and megatron logits on the same tokens (fp32)"
+    p = sub.add_parser("verify", help=what, description=what, **parser_kw,
+                       epilog=_example("s2d convert verify --hf Qwen3-8B --megatron ckpt/qwen3-8b --tp 2"))
+    p.add_argument("--hf", required=True, help="HF model folder")
+    p.add_argument("--megatron", required=True, help="megatron-s2d model checkpoint folder")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at (relaunches "
+                                                     "itself on tp*pp processes)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load the checkpoint at")
     p.add_argument("--atol", type=float, default=1e-4, help="max allowed |logit diff| (exit 1 above it)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=2, help="sequences compared")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     p.set_defaults(fn=_verify)
 
 
-def add_convert_subcommands(subparsers) -> argparse.ArgumentParser:
-    """Add ``convert {hf-to-megatron,megatron-to-hf,verify}`` to an argparse subparsers object."""
-    conv = subparsers.add_parser("convert", help="HF <-> megatron checkpoint conversion and verification")
+def add_convert_subcommands(subparsers, **parser_kw) -> argparse.ArgumentParser:
+    """Add ``convert {hf-to-megatron,megatron-to-hf,verify}`` to an argparse subparsers object (``parser_kw``: to
+    every parser it adds, e.g. ``formatter_class``)."""
+    what = "HF <-> megatron checkpoint conversion and verification"
+    conv = subparsers.add_parser("convert", help=what, description=what, **parser_kw,
+                                 epilog=_example("s2d convert hf-to-megatron --help"))
     _add_leafs(conv.add_subparsers(dest="convert_command", required=True, metavar="{hf-to-megatron,"
-                                                                                    "megatron-to-hf,verify}"))
+                                                                                    "megatron-to-hf,verify}"),
+               **parser_kw)
     return conv
 
 

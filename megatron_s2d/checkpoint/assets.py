@@ -9,12 +9,11 @@ Every place that needs "the tokenizer, stop ids and pad id of this checkpoint" (
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_s2d.checkpoint.model_ckpt import read_model_meta
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import S2DError, read_json
 from megatron_s2d.models.arch import ArchSpec
 
 
@@ -23,7 +22,7 @@ def stop_token_ids(ckpt_dir: Path, tokenizer) -> tuple[int, ...]:
     gen_cfg = Path(ckpt_dir) / "hf_extra" / "generation_config.json"
     ids = None
     if gen_cfg.is_file():
-        ids = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids = read_json(gen_cfg).get("eos_token_id")
     if ids is None:
         ids = tokenizer.eos_token_id
     if ids is None:

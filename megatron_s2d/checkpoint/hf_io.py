@@ -130,9 +130,6 @@ class HFWeights:
             raise S2DError(f"{info.file}: truncated data for tensor '{name}' ({got} of {info.nbytes} bytes)")
         return buf.view(info.dtype).reshape(info.shape)
 
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
 
 def parse_size(text: str | int) -> int:
     """'5GB' / '500MB' / '2GiB' / 1000 -> bytes."""

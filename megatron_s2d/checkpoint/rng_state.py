@@ -11,13 +11,13 @@ An older checkpoint with a pickled ``rank_*.pt`` is refused with a message inste
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_s2d.checkpoint.tensor_pair import read_pair, write_pair
 from megatron_s2d.errors import S2DError
 
 FORMAT = "megatron-s2d/rng/v1"
@@ -44,8 +44,6 @@ def set_rng_state(state: dict) -> None:
 
 def save_rng_state(prefix: Path, state: dict | None = None) -> None:
     """Write ``prefix.safetensors`` (generator tensors) and ``prefix.json`` (Python / numpy scalars)."""
-    from safetensors.torch import save_file
-
     state = rng_state() if state is None else state
     tensors = {"torch": state["torch"].contiguous()}
     if state.get("cuda") is not None:
@@ -57,31 +55,13 @@ def save_rng_state(prefix: Path, state: dict | None = None) -> None:
     version, internal, py_gauss = state["python"]
     meta = {"format": FORMAT, "python": [version, list(internal), py_gauss],
             "numpy": [kind, int(pos), int(has_gauss), float(gauss)], "tracker": sorted(state["tracker"])}
-    prefix = Path(prefix)
-    save_file(tensors, str(prefix.with_suffix(".safetensors")))
-    prefix.with_suffix(".json").write_text(json.dumps(meta))
+    write_pair(prefix, tensors, meta)
 
 
 def load_rng_state(prefix: Path) -> dict:
     """The state written by :func:`save_rng_state` (never unpickles anything)."""
-    from safetensors.torch import load_file
-
-    prefix = Path(prefix)
-    st, js = prefix.with_suffix(".safetensors"), prefix.with_suffix(".json")
-    if not (st.is_file() and js.is_file()):
-        if prefix.with_suffix(".pt").is_file():
-            raise S2DError(f"{prefix.with_suffix('.pt')}: a pickled RNG state (an older megatron-s2d checkpoint); it is "
-                           "not loaded, because unpickling a file from a run folder can run code. Resume from a "
-                           "checkpoint written by this version, or restart the stage")
-        raise S2DError(f"{st}: missing (the checkpoint's RNG state); the checkpoint is incomplete")
-    try:
-        meta = json.loads(js.read_text())
-        tensors = load_file(str(st))
-    except Exception as e:  # noqa: BLE001 - json, OS and safetensors errors alike: not a state this version wrote
-        raise S2DError(f"{prefix}: unreadable RNG state ({type(e).__name__}: {e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else meta
-        raise S2DError(f"{js}: field 'format' = {got!r}, expected {FORMAT!r}")
+    meta, tensors = read_pair(prefix, FORMAT, "RNG state",
+                              fix="resume from a checkpoint this version wrote, or restart the stage")
     try:
         version, internal, py_gauss = meta["python"]
         kind, pos, has_gauss, gauss = meta["numpy"]

@@ -33,7 +33,7 @@ import torch
 
 from megatron_s2d.checkpoint.manifest import verify_manifest, write_manifest
 from megatron_s2d.checkpoint.rng_state import load_rng_state, save_rng_state, set_rng_state
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import S2DError, read_json
 
 
 def _barrier() -> None:
@@ -199,7 +199,7 @@ def load_train_checkpoint(policy, path: Path) -> dict:
     optim_sd = {"optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=True)}
     loaded = dist_checkpointing.load(optim_sd, str(path / "optim"))
     policy.optimizer.load_state_dict(loaded["optimizer"])
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    trainer_state = read_json(path / "trainer_state.json")
     policy.scheduler.num_steps = 0  # megatron's load_state_dict *adds* the saved count to the current one
     policy.scheduler.load_state_dict(trainer_state["scheduler"])
     prefix = path / "rng" / f"rank_{_rank():05d}"

@@ -7,6 +7,7 @@ estimate, the report and the job entry all read it; nothing else compares kind s
     student_rl   GRPOStageConfig     student   student        no       yes                     stages.grpo
     fkl_warmup   WarmupStageConfig   student   teacher        yes      no (prompts only)       stages.fkl_warmup
     opd          OPDStageConfig      student   student        yes      if opd.task_reward_coef stages.opd
+                                                                       (mode sampled)
 """
 
 from __future__ import annotations
@@ -32,19 +33,23 @@ class StageKind:
     consumes_labels: Callable[[StageConfig], bool]  # whether the stage reads gold answers of its split
     rows_per_prompt: Callable[[StageConfig], int]  # training sequences per prompt
     loop: str  # "module:function" of the stage loop (imported by the job entry; config sits below stages)
-    is_rl: bool  # a sparse-reward RL stage (GRPO)
+
+
+def _opd_reads_reward(stage: OPDStageConfig) -> bool:
+    """Only sampled OPD blends the task reward into its advantages (``stages.opd.SampledOPD``); the top-k loss never
+    reads it (``opd.mode: topk`` with a task reward is refused when the plan is loaded), so it consumes no labels."""
+    return stage.opd.mode == "sampled" and stage.opd.task_reward_coef != 0
 
 
 KINDS: dict[str, StageKind] = {
     "teacher_rl": StageKind("teacher_rl", GRPOStageConfig, "teacher", "teacher", False, lambda s: True,
-                            lambda s: s.samples_per_prompt, "megatron_s2d.stages.grpo:run", True),
+                            lambda s: s.samples_per_prompt, "megatron_s2d.stages.grpo:run"),
     "student_rl": StageKind("student_rl", GRPOStageConfig, "student", "student", False, lambda s: True,
-                            lambda s: s.samples_per_prompt, "megatron_s2d.stages.grpo:run", True),
+                            lambda s: s.samples_per_prompt, "megatron_s2d.stages.grpo:run"),
     "fkl_warmup": StageKind("fkl_warmup", WarmupStageConfig, "student", "teacher", True, lambda s: False,
-                            lambda s: s.warmup.teacher_samples_per_prompt, "megatron_s2d.stages.fkl_warmup:run",
-                            False),
-    "opd": StageKind("opd", OPDStageConfig, "student", "student", True, lambda s: s.opd.task_reward_coef != 0,
-                     lambda s: s.samples_per_prompt, "megatron_s2d.stages.opd:run", False),
+                            lambda s: s.warmup.teacher_samples_per_prompt, "megatron_s2d.stages.fkl_warmup:run"),
+    "opd": StageKind("opd", OPDStageConfig, "student", "student", True, _opd_reads_reward,
+                     lambda s: s.samples_per_prompt, "megatron_s2d.stages.opd:run"),
 }
 
 

@@ -7,12 +7,14 @@
 * ``stages`` is a tagged union on ``kind``: each entry becomes the config class of its kind (``config.kinds``).
 * Overrides: ``stages.opd.steps=2`` (a stage is addressed by name), ``models.teacher.tp=8``, ``eval.k=4``.
   Values are parsed as YAML scalars (``1e-5``, ``true``, ``null``, ``[a, b]``).
-Unknown keys and wrongly-typed values are errors that name the dotted path and the file.
+Unknown keys and wrongly-typed values are errors that name the dotted path and the file; an unknown key (or stage,
+or kind) names the closest known one ("did you mean ...?").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -22,6 +24,18 @@ import yaml
 
 from megatron_s2d.config.schema import PlanConfig
 from megatron_s2d.errors import S2DError
+
+
+def _did_you_mean(keys, known) -> str:
+    """`` (did you mean 'lr'?)`` for one unknown key, `` (did you mean 'lr' for 'lrr', 'tp' for 'tpp'?)`` for
+    several: the closest known name of each that has one close enough (difflib's ratio >= 0.6); else ''."""
+    guesses = [(k, difflib.get_close_matches(str(k), sorted(map(str, known)), n=1)) for k in keys]
+    guesses = [(k, g[0]) for k, g in guesses if g]
+    if not guesses:
+        return ""
+    if len(keys) == 1:
+        return f" (did you mean {guesses[0][1]!r}?)"
+    return " (did you mean " + ", ".join(f"{g!r} for {k!r}" for k, g in guesses) + "?)"
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -120,7 +134,8 @@ def from_dict(cls, data: Any, where: str = ""):
             raise S2DError(f"{f'{where}.' if where else ''}{old} was renamed: write {new}")
     unknown = sorted(set(data) - names)
     if unknown:
-        raise S2DError(f"{where or cls.__name__}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        raise S2DError(f"{where or cls.__name__}: unknown key(s) {unknown}{_did_you_mean(unknown, names)}; "
+                       f"allowed: {sorted(names)}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -147,7 +162,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 match = [s for s in node if isinstance(s, dict) and s.get("name") == k]
                 if not match:
                     names = [s.get("name") for s in node if isinstance(s, dict)]
-                    raise S2DError(f"override {text!r}: no stage named {k!r}; stages: {names}")
+                    raise S2DError(f"override {text!r}: no stage named {k!r}{_did_you_mean([k], names)}; "
+                                   f"stages: {names}")
                 node = match[0]
                 continue
             if k not in node or node[k] is None:
@@ -177,7 +193,8 @@ def _build_stages(raw_stages: Any, defaults: Any) -> list:
     renamed = set().union(*(RENAMED.get(k.config, {}) for k in KINDS.values()))
     stray = sorted(set(defaults) - known - renamed)
     if stray:
-        raise S2DError(f"stage_defaults: key(s) {stray} belong to no stage kind; allowed: {sorted(known)}")
+        raise S2DError(f"stage_defaults: key(s) {stray}{_did_you_mean(stray, known)} belong to no stage kind; "
+                       f"allowed: {sorted(known)}")
 
     def applies(key: str, cls) -> bool:  # a real field of this kind, or an old key no kind has (its message)
         return key in _fields(cls) or (key not in known and key in RENAMED.get(cls, {}))
@@ -190,11 +207,17 @@ def _build_stages(raw_stages: Any, defaults: Any) -> list:
         where = f"stages.{raw.get('name') or i}"
         kind = raw.get("kind")
         if kind not in KINDS:
-            raise S2DError(f"{where}.kind = {kind!r}: expected one of {sorted(KINDS)}")
+            hint = _did_you_mean([kind], KINDS) if isinstance(kind, str) else ""
+            raise S2DError(f"{where}.kind = {kind!r}{hint}: expected one of {sorted(KINDS)}")
         cls = KINDS[kind].config
         mine = {k: v for k, v in defaults.items() if applies(k, cls)}
         out.append(from_dict(cls, _deep_merge(mine, raw), where))
     return out
+
+
+def plan_dict(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The plan file as a plain dict, ``base`` recipes merged and overrides applied (neither typed nor validated)."""
+    return apply_overrides(_read_yaml(Path(path)), overrides or [])
 
 
 def load_plan(path: str | Path, overrides: list[str] | None = None) -> PlanConfig:
@@ -202,7 +225,7 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> PlanConfi
     from megatron_s2d.config.validate import validate_plan
 
     path = Path(path)
-    data = apply_overrides(_read_yaml(path), overrides or [])
+    data = plan_dict(path, overrides)
     try:
         stages = _build_stages(data.pop("stages", None) or [], data.pop("stage_defaults", None) or {})
         plan = from_dict(PlanConfig, data)

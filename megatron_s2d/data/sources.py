@@ -25,6 +25,9 @@ schema is detected from the columns (`schemas.detect_schema`) or given with `sch
 
 Malformed rows (missing/empty prompt or answer, wrong types, invalid JSON) are never dropped silently: each becomes
 a `RowError(file, row, reason)` in `LoadResult.skipped`; with `strict=True` the first one raises S2DError.
+
+`check_source(name, "data.pool")` refuses, naming the plan field, a source that cannot load (missing, unsupported,
+no schema, no usable problem in its first rows) when a plan is loaded, before anything heavy runs.
 """
 
 from __future__ import annotations
@@ -249,10 +252,90 @@ def load_problems(
     return load_file_problems(path, schema=schema, source=source, strict=strict, limit=limit)
 
 
-def load_source(name: str, limit: int | None = None, log=print) -> list:
+def _head(path: Path, rows: int) -> tuple[list[tuple[int, object]], set[str]]:
+    """The first ``rows`` rows of one file and its columns, reading no more than needed (a .json list is parsed
+    whole: that is its format)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        cols = _file_columns(path, [])
+        return [r for _, r in zip(range(rows), _read_parquet(path))], cols
+    head = [r for _, r in zip(range(rows), _READERS[suffix](path))]
+    return head, _file_columns(path, head)
+
+
+def check_source(name: str, field: str, rows: int = 8) -> None:
+    """Refuse, naming the plan ``field`` (``data.pool``, ``data.eval[1].source``), a source that cannot load, before
+    anything heavy runs: a shipped set or a registered hub dataset is known by name (a hub set is downloaded, or read
+    from the HF cache, when the job loads it); a local file or folder must exist, hold .jsonl/.json/.parquet files
+    with a schema detected from their columns (one schema for all), and at least one of the first ``rows`` rows of
+    each file must be a usable problem (malformed rows are otherwise skipped and reported when the data loads)."""
+    try:
+        _check_source(name, rows)
+    except S2DError as e:
+        raise S2DError(f"{field} = {name!r}: {e}") from None
+
+
+def data_source_errors(data) -> list[str]:
+    """:func:`check_source` of the plan's pool and of every eval set (``data``: the plan's ``DataConfig``): one
+    message per source that cannot load."""
+    sources = [("data.pool", data.pool)] + [(f"data.eval[{i}].source", e.source) for i, e in enumerate(data.eval)]
+    errors = []
+    for field, name in sources:
+        try:
+            check_source(name, field)
+        except S2DError as e:
+            errors.append(str(e))
+    return errors
+
+
+def _check_source(name: str, rows: int) -> None:
+    key = str(name)
+    if key in SHIPPED or key in HUB_SOURCES or key in ALIASES:
+        return
+    path = Path(key)
+    if not path.exists():
+        known = ", ".join(sorted([*HUB_SOURCES, *ALIASES, *SHIPPED]))
+        raise S2DError(f"neither a registered dataset ({known}) nor an existing file or directory")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise S2DError(f"{path}: directory holds no {'/'.join(FILE_SUFFIXES)} files")
+    elif path.suffix.lower() not in _READERS:
+        raise S2DError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}")
+    else:
+        files = [path]
+    schema, usable = None, False
+    for f in files:
+        head, cols = _head(f, rows)
+        if not head:
+            continue
+        file_schema = detect_schema(cols, str(f))
+        if schema is not None and file_schema != schema:
+            raise S2DError(f"{f}: schema '{file_schema}' differs from '{schema}' of the other files")
+        schema = file_schema
+        errors = []
+        for row_no, row in head:
+            try:
+                if isinstance(row, RowProblem):
+                    raise row
+                convert_row(schema, row, row_no, f.stem)
+                usable = True
+                break
+            except RowProblem as e:
+                errors.append(str(RowError(str(f), row_no, str(e))))
+        else:
+            raise S2DError(f"{f}: none of its first {len(head)} rows is a usable problem (schema '{schema}'): "
+                           + "; ".join(errors[:3]))
+    if not usable:
+        raise S2DError(f"{path}: no rows")
+
+
+def load_source(name: str, limit: int | None = None, log=print, *, schema: str | None = None,
+                strict: bool = False) -> list:
     """The problems of a named set (shipped, hub) or a local path, refusing an empty result; malformed rows are
-    reported through ``log`` (never dropped silently)."""
-    result = load_problems(name, limit=limit)
+    reported through ``log`` (never dropped silently), or refused (``strict``: an S2DError naming the first one).
+    ``schema``: force a local file's schema (default: detected from its columns)."""
+    result = load_problems(name, limit=limit, schema=schema, strict=strict)
     if result.skipped:
         shown = "; ".join(str(e) for e in result.skipped[:5])
         log(f"[data] {name}: skipped {len(result.skipped)} malformed row(s): {shown}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from megatron_s2d.data.splits import Split, SplitManifest, set_hash
 from megatron_s2d.data.types import Problem
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import S2DError, read_json, read_jsonl
 
 MANIFEST = "splits.json"
 
@@ -41,7 +41,7 @@ def write_splits(data_dir: Path, splits: dict[str, Split]) -> dict[str, dict]:
     data_dir.mkdir(parents=True, exist_ok=True)
     manifests = {name: s.manifest.to_dict() for name, s in splits.items()}
     if manifest_path(data_dir).is_file():
-        old = json.loads(manifest_path(data_dir).read_text())
+        old = read_json(manifest_path(data_dir))
         for name, m in manifests.items():
             if name in old and old[name]["content_hash"] != m["content_hash"]:
                 raise S2DError(f"{manifest_path(data_dir)}: split {name!r} already exists with different content "
@@ -57,7 +57,7 @@ def read_manifests(data_dir: Path) -> dict[str, dict]:
     path = manifest_path(data_dir)
     if not path.is_file():
         raise S2DError(f"{path}: missing (the launcher prepares splits before any stage runs)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def read_split(data_dir: Path, name: str) -> list[Problem]:
@@ -67,8 +67,7 @@ def read_split(data_dir: Path, name: str) -> list[Problem]:
         raise S2DError(f"split {name!r} not in {manifest_path(data_dir)}; splits: {sorted(manifests)}")
     path = split_path(data_dir, name)
     problems = []
-    for line in path.read_text().splitlines():
-        d = json.loads(line)
+    for d in read_jsonl(path):
         problems.append(Problem(id=d["id"], prompt=d["prompt"], answer=d["answer"], source=d["source"],
                                 meta=d.get("meta") or {}))
     manifest = SplitManifest.from_dict(manifests[name])

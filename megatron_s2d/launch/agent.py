@@ -35,10 +35,19 @@ def forward_to_children(signum: int, frame=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """torchrun, and its exit code is the first failing worker's (torchrun itself exits 1 whatever the workers
+    said): 75 (stopped with a checkpoint) or 2 (bad input) reach the launcher and SLURM as the stage entry returned
+    them, and a worker killed by signal N gives 128 + N, as a shell reports it."""
     signal.signal(signal.SIGUSR1, forward_to_children)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    torchrun_main(sys.argv[1:] if argv is None else argv)
+    try:
+        torchrun_main(sys.argv[1:] if argv is None else argv)
+    except ChildFailedError as e:  # torchrun's @record has already printed its failure report
+        _, failure = e.get_first_failure()
+        code = failure.exitcode
+        sys.exit(128 - code if code < 0 else (code or 1))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -40,8 +42,8 @@ from typing import Literal, TextIO
 
 from megatron_s2d.config.schema import PlanConfig
 from megatron_s2d.errors import S2DError
-from megatron_s2d.launch import slurm as slurm_mod
-from megatron_s2d.launch.checks import JobCheck, check_jobs, format_table
+import megatron_s2d.launch.slurm as slurm_mod
+from megatron_s2d.launch.checks import JobCheck, MemoryBudgetError, check_jobs, format_table
 from megatron_s2d.launch.jobs import Job, job_command, plan_jobs
 from megatron_s2d.stages.layout import RunLayout
 from megatron_s2d.runtime.preemption import EXIT_PREEMPTED
@@ -295,34 +297,161 @@ def _filtered_stdout(layout: RunLayout, verbose: bool):
         filt.close()
 
 
+# ------------------------------------------------------------------------------------------ stopping a local run
+# Ctrl-C (SIGINT), `kill` (SIGTERM) or a closed terminal (SIGHUP) of the launcher stop the running job the way SLURM's
+# SIGTERM does: the stage saves a checkpoint and exits 75, and the launcher then exits 128 + the signal's number.
+# The job cannot see the launcher's signal by itself: torchx starts it in a session of its own
+# (torchx/schedulers/local_scheduler.py, ``Popen(..., start_new_session=True)``), so a terminal's Ctrl-C never
+# reaches it, and NeMo-Run's ``Experiment.__exit__`` then waits for the job to finish (nemo_run/run/experiment.py,
+# ``_wait_for_jobs`` in ``__exit__``): the launcher used to sit there while the job trained to its end.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The handler acts at once instead of raising: an exception raised in the launcher's main thread cannot end the wait,
+# because NeMo-Run waits inside ``with ThreadPoolExecutor()`` (``Experiment._wait_for_jobs``), whose ``__exit__``
+# joins the waiting thread until the job ends, whatever the exception.
+
+
+class LaunchStopped(S2DError):
+    """The launcher was told to stop; the running job saved a checkpoint (or was killed). ``exit_code`` is
+    128 + the signal's number, as a shell reports a process a signal stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def _job_processes() -> list:
+    """The stage-entry processes among this launcher's descendants (the job's ranks; not torchrun's agent, not the
+    reward workers or other helpers the ranks started)."""
+    import psutil
+
+    procs = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "megatron_s2d.stages.entry" in cmd and "megatron_s2d.launch.agent" not in cmd:
+            procs.append(p)
+    return procs
+
+
+def _say(text: str) -> None:
+    """Write from a signal handler: straight to the terminal's file descriptor (the console filter's lock may be
+    held by the thread the signal interrupted)."""
+    os.write(sys.__stderr__.fileno(), (text + "\n").encode())
+
+
+class StopRequest:
+    """The launcher's SIGINT / SIGTERM / SIGHUP handler while a local job runs: the first signal sends SIGTERM to
+    the job's ranks (each saves a checkpoint and exits 75: ``runtime.preemption``); a ranks-to-be that has not
+    started yet gets it as soon as it appears; a second signal kills the job's whole process tree."""
+
+    def __init__(self, job_name: str):
+        self.job_name, self.signum, self.killed = job_name, None, False
+
+    def __call__(self, signum, frame=None) -> None:
+        import psutil
+
+        if self.signum is not None:
+            self.killed = True
+            _say(f"[s2d] {signal.Signals(signum).name} again: killing job {self.job_name!r} without a checkpoint")
+            for p in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            return
+        self.signum = signum
+        _say(f"[s2d] {signal.Signals(signum).name}: stopping job {self.job_name!r}: it saves a checkpoint and exits "
+             f"(press Ctrl-C again to kill it without one)")
+        ranks = _job_processes()
+        if ranks:
+            self._terminate(ranks)
+        else:  # still starting: terminate it as soon as it is there
+            threading.Thread(target=self._terminate_when_started, daemon=True).start()
+
+    @staticmethod
+    def _terminate(ranks) -> None:
+        import psutil
+
+        for p in ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGTERM)
+
+    def _terminate_when_started(self, wait_s: float = 300.0) -> None:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not self.killed:
+            ranks = _job_processes()
+            if ranks:
+                time.sleep(1.0)  # let the entry install its SIGTERM handler (``stages.entry``: first thing it does)
+                self._terminate(_job_processes())
+                return
+            time.sleep(0.2)
+
+    def message(self, layout: RunLayout) -> str:
+        ptr = layout.checkpoints(self.job_name) / "latest"
+        where = f"its latest checkpoint is {ptr.read_text().strip()}" if ptr.is_file() else "it has no checkpoint yet"
+        what = "was killed" if self.killed else "saved a checkpoint and stopped"
+        return (f"stopped by {signal.Signals(self.signum).name}: job {self.job_name!r} {what} ({where}). Re-run the "
+                f"same command to resume")
+
+
+@contextlib.contextmanager
+def _stop_handlers(request: StopRequest):
+    """Install ``request`` for the stop signals while a job runs (main thread only: elsewhere nothing is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, request) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def _run_local(plan: PlanConfig, planned: PlannedRun, out: TextIO, verbose: bool = False,
                nemo_run_output: io.StringIO | None = None) -> None:
-    """Run the per-job experiments one after another; stop at the first failure with an error naming job and log."""
+    """Run the per-job experiments one after another; stop at the first failure with an error naming job and log;
+    a stop signal to the launcher stops the running job with a checkpoint (:class:`StopRequest`) and raises
+    :class:`LaunchStopped`."""
     layout = RunLayout.of(plan.run_dir)
     plan_started, n = time.monotonic(), len(planned.jobs)
     for i, (job, exp) in enumerate(zip(planned.jobs, planned.experiments)):
         so_far = (f", {_hms(time.monotonic() - plan_started)} into the plan" if i else "")
         print(f"[s2d] ===== job {i + 1}/{n}: {job.name} ({job.kind}){so_far} =====", file=out, flush=True)
         mark = nemo_run_output.tell() if nemo_run_output is not None else 0
-        try:
+        stop = StopRequest(job.name)
+        with _stop_handlers(stop):
             with _filtered_stdout(layout, verbose) as filt, exp:
                 exp.run(tail_logs=True)
-        except KeyboardInterrupt:
-            exp.cancel(job.name)  # SIGTERM to the job: stages save a checkpoint and stop (resume by re-running)
-            raise
+        if stop.signum is not None:
+            raise LaunchStopped(stop.message(layout), stop.signum)
         nr_job = exp.jobs[0]
         state = str(getattr(nr_job.state, "name", nr_job.state))
         if state != "SUCCEEDED":
             said = _ANSI.sub("", nemo_run_output.getvalue()[mark:]) if nemo_run_output is not None else ""
             if re.search(r"error|exception|traceback", said, re.IGNORECASE):
                 print(f"[s2d] NeMo-Run's output for job {job.name}:\n{said.rstrip()}", file=out, flush=True)
-            hint = (f" (exit code {EXIT_PREEMPTED} means it saved a checkpoint after a stop signal: re-run to "
-                    f"resume)" if job.kind != "report" else "")
+            hint = _exit_hint(job, nr_job)
             raise S2DError(f"job {job.name!r} failed ({state}); log: {_log_file(nr_job)}{hint}")
         if job.kind != "report" and not layout.is_complete(job.name):
             raise S2DError(f"job {job.name!r} exited cleanly but {layout.complete_marker(job.name)} was not written "
                            f"(stopped early?); log: {_log_file(nr_job)}; re-run to resume")
         print(f"[s2d] job {job.name} done in {_hms(time.monotonic() - filt.started)}", file=out, flush=True)
+
+
+def _exit_hint(job: Job, nr_job) -> str:
+    """What the job's exit code says (``run.status.exit_meaning``: 75 is a checkpointed stop, a signal is named), read
+    from the record torchx writes when it closes a local job (``SUCCESS`` in the job's log folder)."""
+    from megatron_s2d.run.status import exit_meaning, read_job_record
+
+    if job.kind == "report":
+        return ""
+    found = sorted(Path(nr_job.executor.job_dir).glob("**/SUCCESS"))
+    code = None
+    if found:
+        with contextlib.suppress(S2DError):
+            code = read_job_record(found[-1])[1]
+    return f" ({exit_meaning(code)})" if code is not None else ""
 
 
 def submit(plan: PlanConfig, planned: PlannedRun, out: TextIO, detach: bool = True,
@@ -360,7 +489,11 @@ def launch_plan(plan: PlanConfig, plan_path_resolved: str, stages: list[str] | N
     out = out or sys.stdout
     executor = executor or plan.launch.executor
     if dry_run:
-        planned = plan_launch(plan, plan_path_resolved, stages, executor, JobSelection.dry_run(report))
+        try:
+            planned = plan_launch(plan, plan_path_resolved, stages, executor, JobSelection.dry_run(report))
+        except MemoryBudgetError as e:  # every layout is valid: show the table, over-budget peaks flagged, then fail
+            print(format_table(e.checks, {}), file=out, flush=True)
+            raise
         out_dir = RunLayout.of(plan.run_dir).root / "dry_run"
         render(plan, planned, out_dir)
         print(format_table(planned.checks, planned.scripts), file=out, flush=True)

@@ -5,12 +5,17 @@ gradient is taken w.r.t. the trainer's own log-probs at sampling time, pi_old (`
 trainer). The per-token ratio r_t = pi_old(y_t|s_t) / pi_engine(y_t|s_t) measures the mismatch; these corrections
 turn it into a per-token weight w_t (detached) that multiplies the policy-gradient term of each token:
 
-    mode "tis"     token-level truncated IS:  w_t = min(r_t, cap)                          (Yao et al. 2025; verl)
-    mode "mis"     sequence-level masked IS:  w_t = 1 if exp(mean_t log r_t) in [low, high] else 0 for every token of
-                                              the sequence (the geometric-mean ratio, so long sequences are not
-                                              dropped for their length)
-    mode "icepop"  token masking (IcePop, Ring-1T): w_t = r_t if r_t in [low, high] else 0
-    mode "none"    w_t = 1
+    mode "tis"           token-level truncated IS:  w_t = min(r_t, cap)                   (Yao et al. 2025; verl)
+    mode "mis"           geometric rejection (verl's geo-RS): w_t = 1 if g = exp(mean_t log r_t) is in [low, high],
+                         else 0, for every token of the sequence. Kept sequences get weight 1: the mode only drops
+                         sequences, it does not reweight the kept ones. The geometric mean does not drop long
+                         sequences for their length, but it moves slowly: it leaves [0.5, 2] only when the mean
+                         per-token log r exceeds ln 2 in size, so the band must be tight (the plan's default is
+                         verl's [0.999, 1.001]; see ``config.schema.RolloutCorrectionConfig``)
+    mode "seq_mask_tis"  the same rejection; kept sequences get w_t = min(r_t, cap) (NeMo-RL's seq-mask-tis, whose
+                         token weights are not truncated)
+    mode "icepop"        token masking (IcePop, Ring-1T): w_t = r_t if r_t in [low, high] else 0
+    mode "none"          w_t = 1
 
 With identical engine and trainer log-probs r_t = exp(0) = 1 exactly, so every mode gives w_t = 1.0 exactly: an exact
 no-op. Masked tokens keep their place in the loss's normaliser (they contribute 0), as in verl. Shapes: (B, T) in,
@@ -26,17 +31,21 @@ import torch
 from megatron_s2d.errors import S2DError
 from megatron_s2d.losses._common import as_bool_mask, check_2d, check_shapes, zero_masked
 
-MODES = ("none", "tis", "mis", "icepop")
+MODES = ("none", "tis", "mis", "seq_mask_tis", "icepop")
+SEQUENCE_MODES = ("mis", "seq_mask_tis")  # reject whole sequences by their geometric-mean ratio
 LOG_RATIO_CLAMP = 20.0
 
 
 @dataclass(frozen=True)
 class RolloutCorrection:
-    """A mode and its thresholds (see the module docstring)."""
+    """A mode and its thresholds (see the module docstring). ``low`` / ``high`` are the band of the mode: of a
+    sequence's geometric-mean ratio for mis / seq_mask_tis, of each token's ratio for icepop. The defaults here are
+    IcePop's band; a plan keeps one band per mode (``config.schema.RolloutCorrectionConfig``: mis's is far tighter)
+    and ``stages.steps.correction`` passes the mode's."""
 
     mode: str = "none"
-    tis_cap: float = 2.0
-    low: float = 0.5  # mis: geometric-mean ratio band; icepop: per-token ratio band
+    tis_cap: float = 2.0  # tis, seq_mask_tis
+    low: float = 0.5
     high: float = 2.0
 
     def __post_init__(self):
@@ -66,11 +75,11 @@ def rollout_is_weights(
             w = torch.ones_like(ratio)
         elif mode == "tis":
             w = ratio.clamp(max=correction.tis_cap)
-        elif mode == "mis":
+        elif mode in SEQUENCE_MODES:
             n = m.sum(-1).clamp(min=1)
             seq = torch.exp(log_r.sum(-1) / n)  # (B,) geometric-mean ratio of each sequence
-            keep = (seq >= correction.low) & (seq <= correction.high)
-            w = keep[:, None].to(ratio.dtype).expand_as(ratio)
+            keep = ((seq >= correction.low) & (seq <= correction.high))[:, None].to(ratio.dtype)  # (B, 1)
+            w = keep.expand_as(ratio) if mode == "mis" else keep * ratio.clamp(max=correction.tis_cap)
         else:  # icepop
             inside = (ratio >= correction.low) & (ratio <= correction.high)
             w = torch.where(inside, ratio, torch.zeros_like(ratio))

@@ -147,10 +147,10 @@ def logprob_values(tp_group, temperature: float, topk: int = 0, ids_key: str | N
 
 def policy_gradient(tp_group, norm: Normalisers, *, eps_low: float, eps_high: float, temperature: float,
                     loss_agg: str = "token_mean", kl_beta: float = 0.0, kl_clamp: float | None = 10.0,
-                    correction: RolloutCorrection | None = None):
+                    dual_clip_c: float | None = None, correction: RolloutCorrection | None = None):
     """Clipped policy gradient (GRPO, and OPD with per-token advantages), log-probs at the rollout temperature,
-    optionally with a rollout importance-sampling correction (``losses.rollout_correction``) from the engine's
-    log-probs."""
+    optionally dual-clipped (``dual_clip_c``, None: off) and with a rollout importance-sampling correction
+    (``losses.rollout_correction``) from the engine's log-probs."""
 
     def objective(logits, mb):
         mask = mb["loss_mask"]
@@ -161,7 +161,8 @@ def policy_gradient(tp_group, norm: Normalisers, *, eps_low: float, eps_high: fl
         loss, metrics = losses.clipped_pg_loss(
             lp, mb["old_logprobs"], mb["advantages"], mask, global_num_tokens=norm.num_tokens,
             global_num_seqs=norm.num_seqs, loss_agg=loss_agg, eps_low=eps_low, eps_high=eps_high,
-            ref_logprobs=mb.get("ref_logprobs"), kl_beta=kl_beta, kl_clamp=kl_clamp, is_weights=weights)
+            ref_logprobs=mb.get("ref_logprobs"), kl_beta=kl_beta, kl_clamp=kl_clamp, dual_clip_c=dual_clip_c,
+            is_weights=weights)
         metrics.update(ent)
         metrics.update(is_metrics)
         return loss, metrics
@@ -235,6 +236,7 @@ class PolicyGradientLoss:
     loss_agg: str = "token_mean"
     kl_beta: float = 0.0
     kl_clamp: float | None = 10.0
+    dual_clip_c: float | None = None  # dual-clip bound c > 1 for A < 0 (the plan's ``clip.dual_clip_c``); None: off
     correction: RolloutCorrection | None = None
 
     @property
@@ -246,7 +248,7 @@ class PolicyGradientLoss:
     def objective(self, tp_group, norm: Normalisers) -> Objective:
         return policy_gradient(tp_group, norm, eps_low=self.eps_low, eps_high=self.eps_high,
                                temperature=self.temperature, loss_agg=self.loss_agg, kl_beta=self.kl_beta,
-                               kl_clamp=self.kl_clamp, correction=self.correction)
+                               kl_clamp=self.kl_clamp, dual_clip_c=self.dual_clip_c, correction=self.correction)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,6 @@ class FrozenScorer(ScoringMethods):
                         send[dst] = payload
         got = exchange(send)
         piece = route.pieces[g.dp_rank]
-        values: dict[str, torch.Tensor] = {}
         if piece:
             parts = sorted(got.values(), key=lambda p: p[0])  # global order: by stage DP rank, rows ascending
             order = [(s, i) for s, idx, _ in parts for i in idx]
@@ -113,6 +112,8 @@ class FrozenScorer(ScoringMethods):
             union = {k: (_pad_cat([p[2][k] for p in parts]) if parts[0][2][k].dim() >= 2
                          else torch.cat([p[2][k] for p in parts])) for k in keys}
             values = self.model.forward_values(union, objective, micro_batch_tokens)
+        else:  # no rows for this replica: its placeholder pass gives the objective's keys and shapes (0 rows each)
+            values = self.model.forward_values({k: v[:0] for k, v in batch.items()}, objective, micro_batch_tokens)
 
         # 4. each replica's leader returns every rank the scores of its rows
         send = {}
@@ -129,5 +130,8 @@ class FrozenScorer(ScoringMethods):
             send = route.to_ranks(payloads)
         got = exchange(send)
         n, t = batch["tokens"].shape
-        return scatter_rows(((torch.tensor(idx, dtype=torch.long), vals) for idx, vals in got.values()), n, t)
+        out = scatter_rows(((torch.tensor(idx, dtype=torch.long), vals) for idx, vals in got.values()), n, t)
+        for k, v in values.items():  # a rank with no rows receives nothing: the same keys, (0, T, ...) each
+            out.setdefault(k, torch.zeros((n, t) + tuple(v.shape[2:]), dtype=v.dtype))
+        return out
 

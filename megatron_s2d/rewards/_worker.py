@@ -10,8 +10,9 @@ guard). Protocol over the duplex `multiprocessing.connection.Connection` on sock
 Grading is math-verify's, as its docs and lighteval's MATH / AIME metrics use it: the response is parsed with
 ``[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]`` (boxed answers first, all boxes of the
 response together; then "final answer is $X$" anchors; then the last LaTeX expression / number), the gold (wrapped
-in ``\boxed{}``) with ``LatexExtractionConfig(boxed_match_priority=0)``, and ``verify(gold, prediction)``
-compares them (numbers, fractions, sets, intervals, equations vs values, percentages, units).
+in ``\boxed{}``, or as written when it is several boxes: a set) with ``LatexExtractionConfig(boxed_match_priority=0)``,
+and ``verify(gold, prediction)`` compares them (numbers, fractions, sets, intervals, equations vs values, percentages,
+units).
 
 Two time limits protect the parent: a soft one here (`setitimer` raising a BaseException, which math-verify's own
 `except Exception` handlers cannot swallow) lets the worker survive a slow pure-Python comparison; the parent's hard
@@ -61,10 +62,15 @@ def _configs():
 
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(text: str):
-    # Golds repeat across the samples of a GRPO group: parse each once per worker.
+    # Golds repeat across the samples of a GRPO group: parse each once per worker. A bare expression is boxed; a gold
+    # that still holds its boxes (several of them: `extract.gold_answer_text`) is parsed as written, so math-verify
+    # reads the boxes together as one set (``\\boxed{1}\\boxed{2}`` -> {1, 2}, which ``\\boxed{1,2}`` matches)
     from math_verify import parse
 
-    return parse("\\boxed{" + text + "}", extraction_config=_configs()[1], parsing_timeout=None)
+    from megatron_s2d.rewards.extract import is_box_set
+
+    boxed = text if is_box_set(text) else "\\boxed{" + text + "}"
+    return parse(boxed, extraction_config=_configs()[1], parsing_timeout=None)
 
 
 def compare(response: str, gold_text: str) -> tuple[float, str]:

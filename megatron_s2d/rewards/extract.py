@@ -172,8 +172,14 @@ def normalize_answer_text(text: str) -> str:
 
 
 def gold_answer_text(gold: str) -> str:
-    """Gold answer as a bare expression: delimiters stripped; if it holds a `\\boxed{}`, that box's content."""
+    """The gold as the grader hands it to math-verify. One `\\boxed{}`: that box's content; no box: the text with
+    its delimiters stripped. A gold written as several boxes (`\\boxed{1}\\boxed{2}`, `\\boxed{2}, \\boxed{3}`,
+    `\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)`) is a set: it is kept whole, boxes included (whitespace
+    normalised), and math-verify reads the boxes together, as it does when it parses such a gold itself
+    (`_worker._parse_gold`); the last box alone would be one element of the set."""
     text = gold.strip()
+    if is_box_set(text):
+        return " ".join(text.translate(_UNICODE_SPACES).split())
     found, boxed = last_boxed(text)
     if found and boxed is not None:
         text = boxed
@@ -190,6 +196,11 @@ def all_boxed(text: str) -> list[str]:
         content, pos = _parse_box_at(text, m.end())
         if content is not None:
             out.append(content)
+
+
+def is_box_set(text: str) -> bool:
+    """Whether `text` holds several balanced top-level boxes: a gold written that way is a set (`gold_answer_text`)."""
+    return len(all_boxed(text)) >= 2
 
 
 def precheck_response(tail: str) -> str | None:

@@ -20,7 +20,8 @@ Identical (response tail, gold) pairs of a batch are graded once. There is no in
 that differs from math-verify on one answer form is a grader disagreement (tests/unit/rewards/test_grader_agrees.py
 checks a table of forms against math-verify itself).
 Gold answers are trusted dataset labels: they must be non-empty strings (ints are accepted and converted);
-a `\\boxed{}` or `$...$` around a gold is removed.
+a `\\boxed{}` or `$...$` around a gold is removed; a gold written as several boxes (`\\boxed{1}\\boxed{2}`) is a set,
+as math-verify parses it (`extract.gold_answer_text`).
 """
 
 from __future__ import annotations

@@ -10,32 +10,24 @@ code from the file (a run folder may be shared); an older pickled ``.pt`` cache 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from megatron_s2d.checkpoint.tensor_pair import pair_exists, read_pair, write_pair
 from megatron_s2d.errors import InternalError, S2DError
 from megatron_s2d.rollout.base import Sample
 
 FORMAT = "megatron-s2d/samples/v1"
 
 
-def _paths(path: Path) -> tuple[Path, Path]:
-    path = Path(path)
-    return path.with_suffix(".safetensors"), path.with_suffix(".json")
-
-
 def exists(path: Path) -> bool:
-    st, js = _paths(path)
-    return st.is_file() and js.is_file()
+    return pair_exists(path)
 
 
-def save_samples(path: Path, per_step: list[list[Sample]]) -> None:
-    """Write atomically (temp files renamed into place, the header last)."""
-    from safetensors.torch import save_file
-
+def save_samples(path: Path, per_step: list[list[Sample]], provenance: dict | None = None) -> None:
+    """Write atomically (temp files renamed into place, the header last). ``provenance``: what the samples were
+    made with (kept in the header; :func:`read_provenance`), so a reader can tell a cache it may reuse."""
     flat = [s for step in per_step for s in step]
     k = next((len(s.topk_ids[0]) for s in flat if s.topk_ids), 0)
     if any((s.topk_ids is None) != (flat[0].topk_ids is None) for s in flat):
@@ -60,34 +52,21 @@ def save_samples(path: Path, per_step: list[list[Sample]]) -> None:
         tensors["topk_logprobs"] = torch.tensor([x for s in flat for row in s.topk_logprobs for x in row],
                                                 dtype=torch.float32).reshape(rows, k)
     header = {"format": FORMAT, "steps": [len(step) for step in per_step], "topk": k if has_topk else None,
-              "samples": [[len(s.prompt_ids), len(s.response_ids), s.finish_reason] for s in flat]}
-    st, js = _paths(path)
-    st.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(st) + ".tmp")
-    os.replace(str(st) + ".tmp", st)
-    tmp = js.with_name(js.name + ".tmp")
-    tmp.write_text(json.dumps(header))
-    os.replace(tmp, js)
+              "samples": [[len(s.prompt_ids), len(s.response_ids), s.finish_reason] for s in flat],
+              "provenance": provenance}
+    write_pair(path, tensors, header)
+
+
+def read_provenance(path: Path) -> dict | None:
+    """The ``provenance`` a cache was saved with (None: none recorded, as an older megatron-s2d wrote it); reads
+    only the JSON header."""
+    header, _ = read_pair(path, FORMAT, "sample cache", fix="delete it to regenerate the samples")
+    prov = header.get("provenance")
+    return prov if isinstance(prov, dict) else None
 
 
 def load_samples(path: Path) -> list[list[Sample]]:
-    from safetensors.torch import load_file
-
-    st, js = _paths(path)
-    if not exists(path):
-        old = Path(path).with_suffix(".pt")
-        if old.is_file():
-            raise S2DError(f"{old}: a pickled sample cache (an older megatron-s2d); it is not loaded, because "
-                           "unpickling a file from a run folder can run code. Delete it to regenerate the samples")
-        raise S2DError(f"{st}: no sample cache here")
-    try:
-        header = json.loads(js.read_text())
-        tensors = load_file(str(st))
-    except Exception as e:  # noqa: BLE001 - json, OS and safetensors errors alike: not a cache this version wrote
-        raise S2DError(f"{path}: unreadable sample cache ({type(e).__name__}: {e}); delete it to regenerate") from e
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        got = header.get("format") if isinstance(header, dict) else header
-        raise S2DError(f"{js}: field 'format' = {got!r}, expected {FORMAT!r}")
+    header, tensors = read_pair(path, FORMAT, "sample cache", fix="delete it to regenerate the samples")
     try:
         return _decode(header, tensors)
     except (KeyError, TypeError, ValueError, IndexError) as e:

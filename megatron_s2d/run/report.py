@@ -20,51 +20,79 @@ Nothing here is hard-coded: every number is read from eval.json / lineage.json /
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import S2DError, read_json, read_jsonl
 from megatron_s2d.eval.metrics import paired_difference
 from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
 
+# how to repair a damaged file the report reads (the stage job writes them when it completes)
+_FIX = "restore it, or redo the stage that wrote it (`s2d run PLAN --restart STAGE`)"
+
 
 def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, _FIX) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def _fields_of(path: Path):
+    """A missing field or a wrong type in a file the report reads is an S2DError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError) as e:
+        raise S2DError(f"{path}: damaged (field {e} missing or of the wrong type): {_FIX}") from e
+
+
+def _plan_order(layout: RunLayout) -> list[str]:
+    """The stage names of the run's resolved plan, in plan order ([] without one)."""
+    if not layout.plan.is_file():
+        return []
+    import yaml
+
+    try:
+        with _fields_of(layout.plan):
+            return [s["name"] for s in (yaml.safe_load(layout.plan.read_text()) or {}).get("stages", [])]
+    except yaml.YAMLError as e:
+        raise S2DError(f"{layout.plan}: damaged YAML ({e}): restore it, or re-run `s2d run PLAN`, which "
+                       "writes it") from e
 
 
 def collect(layout: RunLayout) -> dict:
     """Rows of the report: [{route, kind, control, labels, evals: {set: {avg, stderr, k, n}}}], plus curves."""
     rows, curves = [], {}
-    base = _read_json(layout.stage(BASE_EVAL) / "eval.json") or {}
-    for label, ev in base.items():
-        rows.append({"route": label, "kind": "base", "control": None, "labels_splits": [], "labels_consumed": 0,
-                     "model": label.removesuffix("_base"), "init": None, "evals": ev["results"]})
+    base_path = layout.stage(BASE_EVAL) / "eval.json"
+    with _fields_of(base_path):
+        for label, ev in (_read_json(base_path) or {}).items():
+            rows.append({"route": label, "kind": "base", "control": None, "labels_splits": [],
+                         "labels_consumed": 0, "model": label.removesuffix("_base"), "init": None,
+                         "evals": ev["results"]})
     stages_dir = layout.root / "stages"
-    plan_order = []
-    if layout.plan.is_file():
-        import yaml
-
-        plan_order = [s["name"] for s in (yaml.safe_load(layout.plan.read_text()) or {}).get("stages", [])]
+    plan_order = _plan_order(layout)
     names = plan_order + sorted(p.name for p in stages_dir.iterdir() if p.is_dir() and p.name not in plan_order) \
         if stages_dir.is_dir() else []
     for name in names:
         if name == BASE_EVAL:
             continue
-        lineage = _read_json(layout.stage(name) / "lineage.json")
-        ev = _read_json(layout.stage(name) / "eval.json")
+        lineage_path, eval_path = layout.stage(name) / "lineage.json", layout.stage(name) / "eval.json"
+        lineage, ev = _read_json(lineage_path), _read_json(eval_path)
         metrics_path = layout.stage(name) / "metrics.jsonl"
         if metrics_path.is_file():
-            curves[name] = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+            curves[name] = read_jsonl(metrics_path, _FIX)
         if lineage is None:
             continue
-        consumed = lineage["ledger"]["labels_consumed"] + sum(
-            led["labels_consumed"] for led in lineage.get("ancestor_ledgers", {}).values())
-        model = lineage.get("policy_model", "student")
-        init = lineage.get("parents", {}).get("init") or "base"
-        rows.append({"route": name, "kind": lineage["kind"], "control": lineage.get("control"),
-                     "labels_splits": lineage.get("labels_used_by_lineage", []), "labels_consumed": consumed,
-                     "model": model, "init": f"{model}_base" if init == "base" else init,
-                     "ledger": lineage["ledger"], "evals": (ev or {}).get("results", {})})
+        with _fields_of(lineage_path):
+            consumed = lineage["ledger"]["labels_consumed"] + sum(
+                led["labels_consumed"] for led in lineage.get("ancestor_ledgers", {}).values())
+            model = lineage.get("policy_model", "student")
+            init = lineage.get("parents", {}).get("init") or "base"
+            row = {"route": name, "kind": lineage["kind"], "control": lineage.get("control"),
+                   "labels_splits": lineage.get("labels_used_by_lineage", []), "labels_consumed": consumed,
+                   "model": model, "init": f"{model}_base" if init == "base" else init, "ledger": lineage["ledger"]}
+        with _fields_of(eval_path):
+            row["evals"] = (ev or {}).get("results", {})
+        rows.append(row)
     if not rows:
         raise S2DError(f"{layout.root}: nothing to report (no base_eval/ or stages/*/lineage.json yet)")
     return {"rows": rows, "curves": curves, "paired": paired(rows)}
@@ -233,18 +261,24 @@ def _paired_plot(pairs: list[dict], out_dir: Path, plt) -> Path:
     return p
 
 
-def write_report(run_dir: str | Path) -> tuple[str, list[Path]]:
-    """report.md (routes table, then paired table), report.json (rows and paired differences) and the plots."""
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[str, list[Path]]:
+    """report.md (routes table, then paired table), report.json (rows and paired differences) and the plots, into
+    ``out_dir`` (default: the run's ``report/``). The run folder is only read: a report of a read-only run goes
+    elsewhere (``s2d report RUN --out DIR``); a folder it cannot write is an S2DError naming it."""
     layout = RunLayout.of(run_dir)
+    out = Path(out_dir).resolve() if out_dir is not None else layout.report
     data = collect(layout)
-    layout.report.mkdir(parents=True, exist_ok=True)
     md = table_markdown(data)
     if data["paired"]:
         md += "\n\nPaired differences (same problems, same sampling seeds):\n\n" + paired_markdown(data)
-    (layout.report / "report.md").write_text(md + "\n")
-    (layout.report / "report.json").write_text(json.dumps({"rows": data["rows"], "paired": data["paired"]},
-                                                          indent=1))
-    return md, plot(data, layout.report)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(md + "\n")
+        (out / "report.json").write_text(json.dumps({"rows": data["rows"], "paired": data["paired"]}, indent=1))
+        return md, plot(data, out)
+    except OSError as e:
+        raise S2DError(f"{out}: cannot write the report there ({e}): "
+                       + ("pass --out DIR to write it elsewhere" if out_dir is None else "choose another --out")) from e
 
 
 def main(argv=None) -> int:
@@ -252,8 +286,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="megatron_s2d.run.report")
     ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--out", default=None, help="where the report goes (default: RUN_DIR/report)")
     args = ap.parse_args(argv)
-    md, plots = write_report(args.run_dir)
+    md, plots = write_report(args.run_dir, args.out)
     print(md)
     for p in plots:
         print(f"plot: {p}")

@@ -75,10 +75,6 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
                 g.mul_(clip_coeff)
 
 
-def is_active() -> bool:
-    return _ACTIVE_MODE is not None
-
-
 def enable() -> bool:
     """Activate the CPU redirections if (and only if) no CUDA device exists. Returns True if active."""
     global _ACTIVE_MODE

@@ -26,7 +26,7 @@ Signals and what they mean (SLURM semantics):
 Processes that the stage spawns (vLLM engine cores, reward workers) receive SIGUSR1 too on clusters whose process
 tracking signals the whole job step (cgroup), and its default action kills them. Start them inside
 :meth:`PreemptionHandler.shield_children` (blocks SIGUSR1 while spawning; the block is inherited, so they never see
-it) or make them ignore it with :func:`ignore_in_this_process` in their initializer.
+it), or start them in a session of their own (the reward workers: ``rewards.pool``).
 """
 
 from __future__ import annotations
@@ -45,11 +45,6 @@ EXIT_PREEMPTED = 75  # checkpoint saved, no requeue: re-run the plan to resume (
 
 # Order matters: the all-reduced flag vector is indexed by it.
 SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_in_this_process() -> None:
-    """Ignore SIGUSR1 in the calling process (for worker initializers of pools the stage spawns)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _slurm_requeue(job_id: str) -> bool:

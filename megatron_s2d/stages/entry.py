@@ -28,6 +28,9 @@ def _quiet() -> None:
         import logging
 
         logging.getLogger("megatron").setLevel(logging.ERROR)
+    from megatron_s2d.config.validate import PlanWarning
+
+    warnings.filterwarnings("ignore", category=PlanWarning)  # the launcher said it when it loaded the plan
     import torch
 
     torch.set_num_threads(max(1, int(os.environ.get("S2D_THREADS", os.cpu_count() or 1))))
@@ -38,6 +41,7 @@ def run_base_eval(plan) -> None:
     import torch
 
     from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
+    from megatron_s2d.config.schema import RolloutConfig
     from megatron_s2d.eval.runner import DataParallel
     from megatron_s2d.policy.megatron_policy import MegatronPolicy
     from megatron_s2d.rollout.megatron_sampler import MegatronSampler
@@ -54,8 +58,9 @@ def run_base_eval(plan) -> None:
         assets = ModelAssets.load(layout.base_model(role))
         model = MegatronPolicy(assets.arch, plan.models[role], optim=None, seed=plan.seed, initialize=False)
         load_model_checkpoint(model.module, assets.path)
+        # the base evaluation belongs to no stage: the schema's KV budget ("auto": sized from free GPU memory)
         engine = MegatronSampler(model.module, assets.arch, eos_token_ids=list(assets.stop_ids),
-                                 pad_token_id=assets.pad_id)
+                                 pad_token_id=assets.pad_id, max_batch_tokens=RolloutConfig().max_batch_tokens)
         log = (lambda m: print(f"[base_eval] {m}", flush=True)) if info.is_main else None
         results = evaluator.evaluate(engine, assets.tokenizer, assets.stop_ids, label=f"{role}_base", log=log,
                                      dp=DataParallel(info.dp_rank, info.dp, data_parallel_group()),
@@ -69,20 +74,40 @@ def run_base_eval(plan) -> None:
         layout.complete_marker(BASE_EVAL).write_text("base models evaluated\n")
 
 
+def warm_reward_pool(plan, name: str, handler) -> bool:
+    """Start the math-verify workers before the first step, for a stage whose loss grades samples against labels
+    (``config.kinds.consumes_labels``: GRPO, OPD with a task reward); a stage that reads no labels starts none (its
+    evaluation, if any, starts them when it grades). Returns whether it started them."""
+    from megatron_s2d.config.kinds import consumes_labels
+    from megatron_s2d.rewards.pool import get_pool
+
+    stage = next((s for s in plan.stages if s.name == name), None)
+    if stage is None or not consumes_labels(stage):
+        return False
+    with handler.shield_children():  # reward workers must not die of the SIGUSR1 meant for us
+        get_pool().warm_up(2)
+    return True
+
+
 def run_stage(plan, name: str) -> int:
     """Run (or resume) one stage; returns the process exit code."""
     from megatron_s2d.config.kinds import kind_of
-    from megatron_s2d.rewards.pool import get_pool
     from megatron_s2d.runtime.preemption import PreemptionHandler
     from megatron_s2d.stages.job import StageJob
     from megatron_s2d.stages.layout import RunLayout
 
-    if RunLayout.of(plan.run_dir).is_complete(name):  # e.g. re-submitted on SLURM: nothing to do
+    layout = RunLayout.of(plan.run_dir)
+    if layout.is_complete(name):  # e.g. re-submitted on SLURM: nothing to do, if it was made with these settings
+        from megatron_s2d.stages.provenance import check_drift, recorded_config
+
+        by_name = {s.name: s for s in plan.stages}
+        recorded = recorded_config(layout, name)
+        if name in by_name and recorded is not None:
+            check_drift(plan, by_name[name], recorded)
         print(f"[{name}] already complete; skipping", flush=True)
         return 0
     handler = PreemptionHandler().install()
-    with handler.shield_children():  # reward workers must not die of the SIGUSR1 meant for us
-        get_pool().warm_up(2)
+    warm_reward_pool(plan, name, handler)
     job = StageJob(plan, name, preemption=handler)
     module, func = kind_of(job.stage).loop.split(":")
     loop = getattr(importlib.import_module(module), func)

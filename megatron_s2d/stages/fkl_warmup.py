@@ -24,16 +24,55 @@ from megatron_s2d.stages.counters import StepCounters
 from megatron_s2d.stages.steps import response_tokens, rollout_metrics
 
 
-def teacher_samples(job) -> list[list]:
+def cache_provenance(job) -> dict:
+    """Everything the teacher's samples depend on: the teacher's weights (its checkpoint and the digest of its
+    manifest), its dtype/FP8, the sampling (temperature, top-p, top-k, max tokens, engine), the samples per prompt
+    and the top-k recorded, the prompts this rank draws (seed, stage, split contents, prompts per step, instruction,
+    DP layout). A cache whose header differs is regenerated: reusing one made at another temperature would train
+    against top-k log-probs of another distribution."""
+    import hashlib
+
+    from megatron_s2d.config.validate import engine_for, split_parts
+    from megatron_s2d.data.split_store import read_manifests
+
+    st, wu, r = job.stage, job.stage.warmup, job.stage.rollout
+    ckpt = job.store.checkpoint_of(st.teacher, "teacher")
+    stamp = ckpt / "manifest.json" if (ckpt / "manifest.json").is_file() else ckpt / "s2d_model.json"
+    teacher = job.plan.models["teacher"]
+    manifests = read_manifests(job.layout.data)
+    return {"teacher_checkpoint": str(ckpt), "teacher_stamp": hashlib.sha256(stamp.read_bytes()).hexdigest()[:16],
+            "teacher_dtype": teacher.dtype, "teacher_fp8": teacher.fp8, "engine": engine_for(r),
+            "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens,
+            "teacher_samples_per_prompt": wu.teacher_samples_per_prompt,
+            "topk": wu.topk if wu.mode == "topk" else 0, "seed": job.plan.seed, "stage": st.name,
+            "split": {part: manifests[part]["content_hash"] for part in split_parts(st.split)},
+            "prompts_per_step": st.prompts_per_step, "instruction": job.plan.data.instruction,
+            "dp": job.dist.dp, "dp_rank": job.dist.dp_rank}
+
+
+def _provenance_diff(old: dict | None, new: dict) -> str:
+    if old is None:
+        return "no provenance recorded"
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
+
+
+def teacher_samples(job, policy) -> list[list]:
     """The teacher's samples for every step of the stage, this DP rank's share: generated step by step (bounded
-    messages when the teacher's generation is routed across the job), or loaded from the stage's cache."""
+    messages when the teacher's generation is routed across the job), or loaded from the stage's cache. The student
+    ``policy``'s grads and optimizer state stay off the device while the teacher generates (one generation phase
+    for all steps: nothing trains in between, so the engine is woken and refit once)."""
     from megatron_s2d.runtime.dist import all_ranks_agree, is_dp_writer
 
     st, wu = job.stage, job.stage.warmup
     path = job.store.dir / "teacher_cache" / f"dp_rank_{job.dist.dp_rank:05d}"
+    provenance = cache_provenance(job)
     cached = None
     if all_ranks_agree(sample_store.exists(path)):  # generating is collective over the whole job: all ranks or none
         try:
+            made_with = sample_store.read_provenance(path)
+            if made_with != provenance:
+                raise S2DError(f"{path}: made with other settings ({_provenance_diff(made_with, provenance)})")
             cached = sample_store.load_samples(path)
             if len(cached) < st.steps:
                 raise S2DError(f"{path}: {len(cached)} steps cached, the stage runs {st.steps}")
@@ -44,21 +83,22 @@ def teacher_samples(job) -> list[list]:
         job.log(f"teacher rollouts: cached {path}")
         return cached
     teacher = job.load_teacher()
-    engine = job.make_engine(teacher)
+    engine = job.make_engine(teacher, trainer=policy)
     topk = wu.topk if wu.mode == "topk" else 0
     t0, per_step, tokens, gen_s = time.perf_counter(), [], 0.0, 0.0
-    for step in range(st.steps):
-        prompts = job.prompts.step(step, st.prompts_per_step)
-        result = engine.generate(prompts.prompt_ids,
-                                 job.sampling(prompts, wu.teacher_samples_per_prompt, topk=topk, salt=1))
-        per_step.append(flatten(result))
-        tokens, gen_s = tokens + result.metrics["generated_tokens"], gen_s + result.metrics["time_s"]
+    with engine.generation():
+        for step in range(st.steps):
+            prompts = job.prompts.step(step, st.prompts_per_step)
+            result = engine.generate(prompts.prompt_ids,
+                                     job.sampling(prompts, wu.teacher_samples_per_prompt, topk=topk, salt=1))
+            per_step.append(flatten(result))
+            tokens, gen_s = tokens + result.metrics["generated_tokens"], gen_s + result.metrics["time_s"]
     job.log(f"teacher rollouts: {sum(map(len, per_step))} samples, {tokens:.0f} tokens in "
             f"{time.perf_counter() - t0:.1f}s ({tokens / max(gen_s, 1e-9):.0f} tok/s generating)")
     if is_dp_writer():  # one rank per data-parallel group writes (the others hold identical samples)
-        sample_store.save_samples(path, per_step)
+        sample_store.save_samples(path, per_step, provenance)
     torch.distributed.barrier()
-    engine.close()
+    engine.close()  # vLLM's pool goes back to the device before the student trains (VLLMEngine.close)
     return per_step
 
 
@@ -66,7 +106,7 @@ def run(job) -> bool:
     """Returns True when preempted (a checkpoint was saved; the job should exit for requeue)."""
     st, wu = job.stage, job.stage.warmup
     policy, state = job.load_policy()
-    cache = teacher_samples(job)
+    cache = teacher_samples(job, policy)
     loss = ForwardKLLoss(mode=wu.mode, temperature=st.rollout.temperature, tail=wu.tail,
                          teacher_tail_floor=wu.teacher_tail_floor)
     for step in range(state.step, st.steps):

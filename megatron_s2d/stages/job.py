@@ -1,13 +1,13 @@
 """One stage as one job: the parts its loop uses, each built once, each with one job.
 
-    job = StageJob.start(plan, "opd", preemption)     # distributed init at the trained model's layout
+    job = StageJob(plan, "opd", preemption)           # distributed init at the trained model's layout
     job.prompts    PromptStream   this rank's prompts of a step, seeds
     job.store      RunStore       parents' checkpoints, metrics.jsonl, checkpoints, lineage, COMPLETE
     job.assets     ModelAssets    tokenizer, stop and pad ids of the stage's starting checkpoint
     job.evaluator  Evaluator      avg@k of the final policy on the plan's eval sets
     policy, state = job.load_policy()            # trainable, from the parent (or resumed); ``Policy`` interface
     teacher = job.load_teacher()                 # frozen, at the teacher's own layout; ``Scorer`` interface
-    engine = job.make_engine(policy)             # the stage's rollout engine for that model
+    engine = job.make_engine(policy)             # the stage's rollout engine, memory phases included (rollout.colocation)
     stop = job.end_step(step, policy, state, counters, metrics, t0)   # ledger, log, checkpoint, preemption
     job.finish(policy, state)                    # final checkpoint, evaluation, lineage, COMPLETE
 
@@ -27,7 +27,7 @@ from megatron_s2d.config.validate import engine_for, split_parts, vllm_tp
 from megatron_s2d.data.prompts import encode_prompt
 from megatron_s2d.data.split_store import read_split
 from megatron_s2d.data.sources import load_source
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import S2DError, read_json
 from megatron_s2d.eval.runner import DataParallel, Evaluator
 from megatron_s2d.rollout.base import SamplingParams
 from megatron_s2d.runtime.dist import DistInfo, data_parallel_group, init_distributed
@@ -37,7 +37,7 @@ from megatron_s2d.stages.layout import RunLayout
 from megatron_s2d.stages.prompts import PromptStream, StepPrompts
 from megatron_s2d.stages.store import RunStore
 
-LOGGED = ("reward_mean", "kl_mean", "reverse_kl_mean", "loss", "clip_frac", "entropy_mean", "response_len_mean",
+LOGGED = ("reward_mean", "kl_mean", "reverse_kl_mean", "clip_frac", "entropy_mean", "response_len_mean",
           "truncation_rate", "zero_variance_frac", "logprob_mismatch_mean", "nll_mean")
 
 
@@ -75,8 +75,10 @@ class StageJob:
         problems = [p for part in split_parts(self.stage.split) for p in read_split(self.layout.data, part)]
         self.prompts = PromptStream(problems, [encode_prompt(self.assets.tokenizer, p, plan.data.instruction) for p in problems],
                                     seed=plan.seed, stage=self.stage.name, split=self.stage.split,
-                                    dp_rank=self.dist.dp_rank, dp_size=self.dist.dp)
+                                    dp_rank=self.dist.dp_rank, dp_size=self.dist.dp,
+                                    max_prompt_tokens=plan.data.max_prompt_tokens)
         self.evaluator = plan_evaluator(plan, log=self.log) if self.stage.eval else None
+        self.memory_trace: list[str] = []  # the memory phases (rollout.colocation), saves and evaluations, in order
         self.started = time.perf_counter()
 
     @contextlib.contextmanager
@@ -100,12 +102,29 @@ class StageJob:
         state = StageState()
         resume = resume_checkpoint(self.store.checkpoints, log=self.log)
         if resume is not None:
+            self._check_resume_config(resume)
             state = RunStore.restored(load_train_checkpoint(policy, resume))
             self.log(f"resumed from {resume} at step {state.step}")
         else:
+            self.store.start_fresh()
             load_model_checkpoint(policy.module, self.init_dir)
         self.store.metrics.truncate(state.step)
         return policy, state
+
+    def _check_resume_config(self, resume) -> None:
+        """The checkpoint a stage resumes from was made with the plan's result-changing settings (else S2DError
+        naming each changed field, on every rank: they all read the same file); neutral changes are recorded."""
+        from megatron_s2d.stages.provenance import Recorded, check_drift, record_neutral_changes
+
+        state_file = resume / "trainer_state.json"
+        trainer_state = read_json(state_file, "restore it, or redo the stage with `s2d run PLAN --restart STAGE`")
+        saved = trainer_state.get("config") or {}
+        if "fields" not in saved:
+            self.log(f"{state_file} records no settings (an older megatron-s2d): config drift not checked")
+            return
+        neutral = check_drift(self.plan, self.stage, Recorded(saved["fields"], str(state_file), False))
+        if self.dist.is_main:
+            record_neutral_changes(self.layout, self.stage, neutral, trainer_state["step"], log=self.log)
 
     def load_frozen(self, ref: str | None, role: str):
         """A frozen model (teacher or reference) from a stage's final checkpoint or the base, at the role's own
@@ -137,17 +156,40 @@ class StageJob:
         """The frozen starting point of the policy (GRPO's KL reference)."""
         return self.load_frozen(self.stage.init, self.role)
 
-    def make_engine(self, model):
-        """The stage's rollout engine generating with ``model`` (the policy, or a frozen teacher)."""
+    def make_engine(self, model, trainer=None):
+        """The stage's rollout engine generating with ``model`` (the policy, or a frozen teacher), with the memory
+        phases of ``rollout.colocation`` around each generation: ``trainer`` (default ``model``, when it trains) is
+        the policy whose grads and optimizer state leave the device meanwhile."""
+        from megatron_s2d.models.memory import max_model_len
         from megatron_s2d.rollout.factory import make_engine
 
         shield = self.preemption.shield_children if self.preemption is not None else contextlib.nullcontext
         engine = engine_for(self.stage.rollout)
         self.log(f"rollouts on {engine}" + (f" (vLLM tp={vllm_tp(self.plan, self.stage)}, colocated)"
                                             if engine == "vllm" else ""))
+        if trainer is None and getattr(model, "optimizer", None) is not None:
+            trainer = model
         return make_engine(engine, model, ckpt_dir=getattr(model, "checkpoint", self.init_dir),
                            work_dir=self.store.dir, stop_ids=self.assets.stop_ids, pad_id=self.assets.pad_id,
-                           vllm=self.stage.rollout.vllm, seed=self.plan.seed, shield=shield)
+                           vllm=self.stage.rollout.vllm, seed=self.plan.seed, shield=shield, trainer=trainer,
+                           max_model_len=max_model_len(self.plan, self.stage.rollout.max_new_tokens),
+                           gpu_memory_utilization=self._vllm_fraction() if engine == "vllm" else None,
+                           trace=self.memory_trace, max_batch_tokens=self.stage.rollout.max_batch_tokens)
+
+    def _vllm_fraction(self) -> float | None:
+        """vLLM's share of this GPU (``models.memory.vllm_memory_fraction``: the plan's value, or derived from the
+        estimate of what stays resident while it generates); None on CPU, where vLLM sizes by ``cpu_kvcache_gib``."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        from megatron_s2d.config.kinds import models_of
+        from megatron_s2d.models.memory import vllm_memory_fraction
+
+        archs = {role: self.assets.arch if role == self.role else
+                 ModelAssets.load(self.store.checkpoint_of(self.stage.teacher, role)).arch
+                 for role in models_of(self.stage)}
+        return vllm_memory_fraction(self.plan, self.stage, archs, torch.cuda.mem_get_info()[1] / 2**30)
 
     # ------------------------------------------------------------------------------------------ a step
     def sampling(self, prompts: StepPrompts, n: int, topk: int = 0, salt: int = 0) -> SamplingParams:
@@ -174,6 +216,7 @@ class StageJob:
         return stop
 
     def save(self, policy, state: StageState):
+        self.memory_trace.append("save")  # the engine is asleep here: it sleeps at the end of every generation
         return self.store.save(policy, state, self.assets, {"tp": self.dist.tp, "pp": self.dist.pp})
 
     def finish(self, policy, state: StageState) -> None:
@@ -187,7 +230,7 @@ class StageJob:
         state.ledger.wall_time_s += time.perf_counter() - self.started
         self.started = time.perf_counter()
         final = latest_checkpoint(self.store.checkpoints)
-        if final is None or json.loads((final / "trainer_state.json").read_text())["step"] != state.step:
+        if final is None or read_json(final / "trainer_state.json")["step"] != state.step:
             final = self.save(policy, state)
         results = None
         if self.evaluator is not None:
@@ -198,13 +241,20 @@ class StageJob:
         self.log(f"complete: {final}")
 
     def evaluate(self, model, label: str) -> dict:
+        """avg@k of ``model`` on the megatron sampler, as one generation phase (a trained policy's grads and
+        optimizer state off the device meanwhile: the sampler's KV cache gets that memory)."""
+        from megatron_s2d.rollout.colocation import ColocatedEngine, TrainerMemory
         from megatron_s2d.rollout.megatron_sampler import MegatronSampler
 
-        engine = MegatronSampler(model.module, model.arch, eos_token_ids=list(self.assets.stop_ids),
-                                 pad_token_id=self.assets.pad_id)
+        sampler = MegatronSampler(model.module, model.arch, eos_token_ids=list(self.assets.stop_ids),
+                                  pad_token_id=self.assets.pad_id, max_batch_tokens=self.stage.rollout.max_batch_tokens)
+        trainer = TrainerMemory(model) if getattr(model, "optimizer", None) is not None else None
+        engine = ColocatedEngine(sampler, trainer=trainer, trace=self.memory_trace)
         self.log(f"evaluating {label}: avg@{self.plan.eval.k} on {', '.join(n for n, _ in self.evaluator.sets)}")
-        return self.evaluator.evaluate(engine, self.assets.tokenizer, self.assets.stop_ids, dp=self._dp(),
-                                       label=label, log=self.log, show_progress=self.dist.is_main)
+        self.memory_trace.append("eval")
+        with engine.generation():
+            return self.evaluator.evaluate(engine, self.assets.tokenizer, self.assets.stop_ids, dp=self._dp(),
+                                           label=label, log=self.log, show_progress=self.dist.is_main)
 
     # ------------------------------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:

@@ -4,8 +4,8 @@
     <run_dir>/toy_world/                 a toy world built for this run (toy plans whose seed is not the shipped one)
     <run_dir>/LOCK                       held by the launcher while it runs the plan
     <run_dir>/models/<role>_base/        base weights imported Megatron-natively from HF, once
-    <run_dir>/data/splits.json           split manifests (content hashes, counts, sources)
-    <run_dir>/data/<split>.jsonl         the split members, normalised
+    <run_dir>/data/                      the splits: splits.json (manifests) and split_<name>.jsonl (members;
+                                         ``data.split_store`` owns these names)
     <run_dir>/stages/<name>/checkpoints/ training checkpoints (``latest`` points at the newest complete one)
     <run_dir>/stages/<name>/metrics.jsonl one line per step
     <run_dir>/stages/<name>/lineage.json  parents, split hashes, config hash, final checkpoint, ledger
@@ -45,13 +45,6 @@ class RunLayout:
     @property
     def data(self) -> Path:
         return self.root / "data"
-
-    @property
-    def splits_manifest(self) -> Path:
-        return self.data / "splits.json"
-
-    def split_file(self, split: str) -> Path:
-        return self.data / f"split_{split}.jsonl"
 
     def stage(self, name: str) -> Path:
         return self.root / "stages" / name

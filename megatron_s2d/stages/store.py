@@ -17,13 +17,14 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from megatron_s2d.config import PlanConfig, StageBase, to_dict
+from megatron_s2d.config import PlanConfig, StageBase
 from megatron_s2d.config.kinds import trained_model
 from megatron_s2d.config.validate import ancestors, label_ledger, split_parts
 from megatron_s2d.data.split_store import read_manifests
-from megatron_s2d.errors import S2DError
+from megatron_s2d.errors import S2DError, read_json, read_jsonl
 from megatron_s2d.stages.counters import Ledger, StageState
 from megatron_s2d.stages.layout import RunLayout
+from megatron_s2d.stages.provenance import config_record
 from megatron_s2d.stages.tracking import StageTracking
 
 
@@ -50,8 +51,8 @@ class MetricsLog:
 
     def truncate(self, step: int) -> None:
         if self.enabled and self.path.is_file():
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+            kept = [m for m in read_jsonl(self.path) if m["step"] <= step]
+            self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
 
     def close(self) -> None:
         """Flush and close the trackers (also done at process exit)."""
@@ -75,10 +76,11 @@ class RunStore:
             path = self.layout.base_model(role)
         else:
             lineage = self.layout.stage(ref) / "lineage.json"
-            if not lineage.is_file():
+            if not (lineage.is_file() and self.layout.is_complete(ref)):  # a lineage without COMPLETE is stale
+                missing = lineage if not lineage.is_file() else self.layout.complete_marker(ref)
                 raise S2DError(f"stage {self.stage.name!r} needs stage {ref!r}, which has not completed "
-                               f"({lineage} is missing): run it first")
-            path = Path(json.loads(lineage.read_text())["final_checkpoint"])
+                               f"({missing} is missing): run it first")
+            path = Path(read_json(lineage)["final_checkpoint"])
         if not (path / "s2d_model.json").is_file():
             raise S2DError(f"{path}: not a megatron-s2d model checkpoint (run `s2d run` to prepare base models)")
         return path
@@ -104,12 +106,14 @@ class RunStore:
                     shutil.copytree(assets.path / sub, tmp / sub)
 
         return save_train_checkpoint(policy, self.checkpoints, state.step,
-                                     {"ledger": asdict(state.ledger), "stage": self.stage.name}, write_meta,
+                                     {"ledger": asdict(state.ledger), "stage": self.stage.name,
+                                      "config": config_record(self.plan, self.stage)}, write_meta,
                                      keep=self.stage.keep_checkpoints)
 
     def lineage(self, final: Path, state: StageState, init_dir: Path) -> dict:
         s, plan = self.stage, self.plan
         teacher = getattr(s, "teacher", None)
+        record = config_record(plan, s)
         by_name = {x.name: x for x in plan.stages}
         return {
             "stage": s.name, "kind": s.kind, "control": s.control, "policy_model": trained_model(s),
@@ -119,11 +123,12 @@ class RunStore:
             "split": s.split,
             "split_manifests": {part: read_manifests(self.layout.data)[part] for part in split_parts(s.split)},
             "labels_used_by_lineage": label_ledger(plan)[s.name],
-            "config_hash": config_hash(to_dict(s)),
+            "config_hash": record["digest"],  # of the result-changing settings (config.fingerprint)
+            "config_fields": record["fields"],
             "plan_models_hash": config_hash({k: asdict(v) for k, v in plan.models.items()}),
             "final_checkpoint": str(final), "steps": state.step,
             "ledger": asdict(state.ledger),
-            "ancestor_ledgers": {a: json.loads((self.layout.stage(a) / "lineage.json").read_text())["ledger"]
+            "ancestor_ledgers": {a: read_json(self.layout.stage(a) / "lineage.json")["ledger"]
                                  for a in ancestors(plan, s.name) if a in by_name},
         }
 
@@ -135,6 +140,13 @@ class RunStore:
             (self.dir / "eval.json").write_text(json.dumps(eval_results, indent=1))
         (self.dir / "lineage.json").write_text(json.dumps(self.lineage(final, state, init_dir), indent=1))
         self.layout.complete_marker(self.stage.name).write_text(str(final) + "\n")
+
+    def start_fresh(self) -> None:
+        """A stage with no checkpoint starts from its parent: what an earlier attempt left (a lineage or eval of a
+        run that never completed, neutral-change notes) is stale and goes; metrics are truncated by the caller."""
+        if self.is_main and not self.layout.is_complete(self.stage.name):
+            for name in ("lineage.json", "eval.json", "config_changes.jsonl"):
+                (self.dir / name).unlink(missing_ok=True)
 
     @staticmethod
     def restored(saved: dict) -> StageState:

@@ -61,7 +61,7 @@ def _save(rank, world, path):
     save_model_checkpoint(pol.module, path, arch, "fp32")
 
 
-def _score(rank, world, path, student, teacher, topk=2):
+def _score(rank, world, path, student, teacher, topk=2, rows_of=None):
     from megatron.core import parallel_state as ps
 
     from megatron_s2d.config import ModelConfig
@@ -79,10 +79,10 @@ def _score(rank, world, path, student, teacher, topk=2):
                            initialize=False)
     load_model_checkpoint(model.module, path)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    rows = _my_rows(dp_rank, dp)
+    rows = _my_rows(dp_rank, dp) if rows_of is None else rows_of[dp_rank]
     full = _all_rows()
     batch = {k: v[rows] for k, v in full.items()}
-    t = int(batch["lengths"].max())
+    t = int(batch["lengths"].max()) if rows else 7
     batch = {k: (v[:, :t] if v.dim() >= 2 else v) for k, v in batch.items()}  # each rank its own padded width
     scorer = FrozenScorer(model, dp_rank)
     obj = O.logprob_values(scorer.tp_group, 1.0, topk=topk, ids_key="student_topk_ids")
@@ -136,6 +136,22 @@ def test_teacher_tp2_pp2_serves_four_student_ranks(ckpt):
                            teacher=(2, 2))
     assert [o["replicas"] for o in outs] == [1] * 4
     assert sorted(r for o in outs for r in o["rows"]) == list(range(ROWS))
+    _check(outs, ref)
+
+
+@pytest.mark.parametrize("student,teacher,rows_of", [
+    ((1, 1), (2, 1), [[], list(range(ROWS))]),  # a stage rank with no rows: it receives nothing back
+    ((2, 1), (1, 1), [[5]]),  # two teacher replicas, one row: one replica has no piece (its placeholder pass)
+    ((1, 1), (2, 1), [[], []]),  # nobody has rows: no piece anywhere
+], ids=["empty-stage-rank", "empty-replica", "all-empty"])
+def test_empty_shares_get_every_key(ckpt, student, teacher, rows_of):
+    """forward_values is total on the routed path too: every rank gets every key, (0, T, ...) for an empty share."""
+    path, ref = ckpt
+    outs = run_distributed(_score, world_size=2, timeout=180, path=path, student=student, teacher=teacher,
+                           rows_of=rows_of)
+    for o in outs:
+        assert set(o["out"]) == set(ref["out"])
+        assert all(v.shape[0] == len(o["rows"]) for v in o["out"].values())
     _check(outs, ref)
 
 

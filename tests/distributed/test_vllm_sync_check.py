@@ -37,7 +37,7 @@ def _job(rank, world, tmp):
     load_hf_state(pol.module, arch, lambda n: init[n])
     save_model_checkpoint(pol.module, f"{tmp}/ckpt", arch, "fp32", overwrite=True)
     engine = make_engine("vllm", pol, ckpt_dir=f"{tmp}/ckpt", work_dir=f"{tmp}/work", stop_ids=(3,), pad_id=0,
-                         vllm=VLLMConfig(cpu_kvcache_gib=0.25, verify_sync=True), seed=1)
+                         vllm=VLLMConfig(cpu_kvcache_gib=0.25, verify_sync=True), seed=1).vllm  # refits eagerly
     out = {"clean": engine.sync_weights(pol)["sync_max_logprob_diff"]}
 
     real_embed, calls = sharded_refit._embed, []

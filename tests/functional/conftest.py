@@ -53,7 +53,7 @@ def mini_plan(world: Path, run_dir: Path, stages: list[dict] | None = None, **ex
         "name": "mini", "run_dir": str(run_dir), "seed": 7,
         "models": {"teacher": {"hf": str(world / "teacher"), "dtype": "fp32"},
                    "student": {"hf": str(world / "student"), "dtype": "fp32"}},
-        "data": {"pool": str(world / "train.jsonl"),
+        "data": {"pool": str(world / "train.jsonl"), "max_prompt_tokens": 64,  # + 8 new tokens < 256 positions
                  "eval": [{"name": "mini-test", "source": str(world / "test.jsonl"), "limit": 4}]},
         "eval": {"k": 2, "max_new_tokens": 8},
         "stage_defaults": {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "micro_batch_tokens": 512,

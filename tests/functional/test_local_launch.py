@@ -24,7 +24,7 @@ def test_local_run_fails_loudly_then_resumes(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PYTHONPATH", f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     run_dir = tmp_path / "run"
     plan_d = {"name": "loc", "run_dir": str(run_dir), "toy_world": True, "models": {"teacher": {}, "student": {}},
-              "eval": {"include_base": False},
+              "eval": {"include_base": False, "max_new_tokens": 16}, "data": {"max_prompt_tokens": 128},  # toy context: 256 positions
               "stage_defaults": {"micro_batch_tokens": 256, "rollout": {"max_new_tokens": 16}},
               "stages": [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H"},
                          {"name": "fkl_warmup", "kind": "fkl_warmup", "teacher": "teacher_rl", "split": "1H"}],
@@ -43,6 +43,14 @@ def test_local_run_fails_loudly_then_resumes(tmp_path, monkeypatch, capfd):
     assert (run_dir / "stages" / "teacher_rl" / "COMPLETE").is_file()
     assert not (run_dir / "stages" / "fkl_warmup" / "COMPLETE").exists()
     assert not (run_dir / "report").exists()  # nothing ran after the failure
+    # `s2d status` reads the launcher's own records of that: the failed job's exit code and its log
+    from megatron_s2d.run.status import run_status
+
+    status = {s.name: s for s in run_status(run_dir)[1]}
+    assert status["teacher_rl"].state == "complete" and status["fkl_warmup"].state == "failed"
+    # (torchx records the torchrun agent's code, which is the failing rank's: launch.agent passes it on)
+    assert status["fkl_warmup"].detail.startswith("exit code 3") and "fkl_warmup/0/combined.log" in \
+        status["fkl_warmup"].detail
 
     monkeypatch.delenv("S2D_FAKE_FAIL")
     planned = launch_plan(plan, str(plan_path), report=True)

@@ -53,9 +53,12 @@ def test_plan_end_to_end_lineage_report_and_rerun(mini_world, tmp_path):
     # every figure in the report is the run's own: eval.json of a stage matches its table cell
     ev = json.loads((run / "stages" / "cold_grpo" / "eval.json").read_text())["results"]["mini-test"]
     assert f"{100 * ev['avg']:.1f} ± {100 * ev['stderr']:.1f}" in report
-    # a second run, in the README's form (overrides, a subset), skips every completed stage
+    # a second run, in the README's form (overrides, a subset): a completed stage is not silently kept under
+    # settings that would change it (it used to print "nothing to run"); a setting that changes no result passes
+    refused = s2d("run", plan, "stages.opd.steps=200", "--stages", "opd,student_rl", check=False)
+    assert refused.returncode == 2 and "stages.opd.steps: 2 -> 200" in refused.stderr, refused.stderr
     t0 = time.perf_counter()
-    again = s2d("run", plan, "stages.opd.steps=200", "--stages", "opd,student_rl")
+    again = s2d("run", plan, "stages.opd.save_every=1", "--stages", "opd,student_rl")
     assert "job opd" not in again.stdout and time.perf_counter() - t0 < 120
     # s2d report RUN: the same table from the run's files
     rep = s2d("report", run)

@@ -34,6 +34,11 @@ COVERED = {
     "s2d convert verify": "test_convert_verify_export_eval_through_console_script",
     "s2d eval": "test_convert_verify_export_eval_through_console_script",
     "s2d report": "tests/functional/test_pipeline_cli.py::test_plan_end_to_end_lineage_report_and_rerun",
+    "s2d status": "tests/functional/test_cli_front_door.py::test_status_reads_the_run_folder_only",
+    "s2d run PLAN.yaml --print-plan":
+        "tests/functional/test_cli_front_door.py::test_print_plan_prints_the_resolved_plan_and_writes_nothing",
+    "s2d run PLAN.yaml --restart":
+        "tests/functional/test_run_folder_drift.py::test_drift_is_refused_and_restart_sets_aside",
 }
 
 
@@ -122,6 +127,7 @@ def test_convert_verify_export_eval_through_console_script(mini_world, tmp_path)
     proc = s2d("eval", "--model", release, "--data", math500, "--data", aime24, "--data", aime25, "--k", "2",
                "--max-new-tokens", "8", "--out", out)
     assert "| data | avg@2 |" in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr[-2000:]  # quiet by default, like `s2d run`
     res = json.loads(out.read_text())["results"]
     assert set(res) == {str(math500), str(aime24), str(aime25)}
     assert all(r["n_problems"] == 3 and r["k"] == 2 for r in res.values())

@@ -31,7 +31,7 @@ import torch
 from megatron_s2d.errors import InternalError, S2DError
 from megatron_s2d.policy.logprobs import token_logprobs, topk_logprobs
 from megatron_s2d.rollout.base import SamplingParams
-from megatron_s2d.rollout.mismatch import logprob_mismatch
+from megatron_s2d.stages.steps import logprob_mismatch
 from megatron_s2d.rollout.refit import refit_from_policy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.functional]

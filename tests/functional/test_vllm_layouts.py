@@ -41,7 +41,9 @@ def test_grpo_and_opd_generate_with_vllm_at_any_layout(mini_world, wide_student,
     stages = [{"name": "srl", "kind": "student_rl", "split": "2H", "save_every": 1,
                "rollout_correction": {"mode": "tis", "tis_cap": 2.0}},
               {"name": "opd", "kind": "opd", "init": "base", "teacher": "base", "split": "1H",
-               "rollout_correction": {"mode": "icepop", "low": 0.5, "high": 2.0}}]
+               "rollout_correction": {"mode": "icepop", "icepop_low": 0.5, "icepop_high": 2.0}}]
+    if layout == {"tp": 2}:
+        stages[0]["steps"] = 3  # the resume below restarts it from its step-2 checkpoint
     run = tmp_path / "run"
     plan = mini_plan(mini_world, run, stages, eval={"k": 1, "max_new_tokens": 4, "include_base": False},
                      launch={"executor": "local", "nodes": 1, "procs_per_node": 2})
@@ -61,10 +63,16 @@ def test_grpo_and_opd_generate_with_vllm_at_any_layout(mini_world, wide_student,
             assert m["refit_gb"] > 0
             # the rollout IS correction sees engine == trainer (to 1e-4): weights ~1, nothing masked
             assert abs(m["is_weight_mean"] - 1) < 1e-3 and m["is_masked_frac"] == 0 and m["is_weight_max"] < 1.001
-    if layout == {"tp": 2}:  # resume: the stage continues from its checkpoint, the engine re-syncs from it
+    if layout == {"tp": 2}:  # resume: a stage stopped after its step-2 checkpoint continues from it (same
+        #                      settings), and the engine re-syncs from the resumed weights
+        import shutil
+
+        ckpts = run / "stages" / "srl" / "checkpoints"
         for f in ("COMPLETE", "lineage.json"):
             (run / "stages" / "srl" / f).unlink()
-        again = s2d("run", path, "stages.srl.steps=3", "--stages", "srl")
+        shutil.rmtree(ckpts / "step_000003")
+        (ckpts / "latest").write_text("step_000002\n")
+        again = s2d("run", path, "--stages", "srl")
         assert "resumed from" in again.stdout and (run / "stages" / "srl" / "COMPLETE").is_file()
         assert [m["step"] for m in _metrics(run, "srl")] == [1, 2, 3]
         assert all(m["sync_max_logprob_diff"] <= 1e-4 for m in _metrics(run, "srl"))

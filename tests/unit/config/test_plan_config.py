@@ -152,3 +152,31 @@ def test_vllm_serves_every_layout_and_its_tp_must_divide_the_world(tmp_path):
         load_plan(_write(tmp_path, d), ["stages.t_rl.rollout.vllm.tp=3"])
     with pytest.raises(S2DError, match=r"eval.engine = 'vllm'"):
         load_plan(_write(tmp_path, d), ["eval.engine=vllm"])
+
+
+def test_vllm_memory_share_is_derived_unless_set_and_a_set_one_is_a_fraction(tmp_path):
+    """Unset (the default), the stage job derives vLLM's share from the memory estimate (models.memory); a set one
+    must be a fraction of the GPU (whether it fits next to the trainer is the launch checks' business)."""
+    plan = load_plan(_write(tmp_path, BASE), ["stages.opd.rollout.vllm.gpu_memory_utilization=0.6"])
+    assert [s.rollout.vllm.gpu_memory_utilization for s in plan.stages] == [None, None, 0.6, None]
+    for bad in ("0", "1.5"):
+        with pytest.raises(S2DError, match=r"stages.opd.rollout.vllm: gpu_memory_utilization must be in \(0, 1\]"):
+            load_plan(_write(tmp_path, BASE), [f"stages.opd.rollout.vllm.gpu_memory_utilization={bad}"])
+
+
+@pytest.mark.parametrize("data, overrides, match", [
+    (_with(stages=[dict(BASE["stages"][0], optim={"lrr": 1e-5})]), [],
+     r"stages\.t_rl\.optim: unknown key\(s\) \['lrr'\] \(did you mean 'lr'\?\)"),
+    (BASE, ["models.teacher.tpp=2"], r"models\.teacher: unknown key\(s\) \['tpp'\] \(did you mean 'tp'\?\)"),
+    (BASE, ["evall.k=2"], r"unknown key\(s\) \['evall'\] \(did you mean 'eval'\?\)"),
+    (BASE, ["stages.opd.stepz=3"], r"stages\.opd: unknown key\(s\) \['stepz'\] \(did you mean 'steps'\?\)"),
+    (BASE, ["stages.opdd.steps=2"], r"no stage named 'opdd' \(did you mean 'opd'\?\); stages"),
+    (_with(stages=BASE["stages"] + [{"name": "x", "kind": "student-rl", "split": "2H"}]), [],
+     r"stages\.x\.kind = 'student-rl' \(did you mean 'student_rl'\?\)"),
+    (_with(stage_defaults={"stepz": 2, "rolout": {}}), [],
+     r"stage_defaults: key\(s\) \['rolout', 'stepz'\] \(did you mean 'rollout' for 'rolout', 'steps' for 'stepz'\?\)"),
+    (BASE, ["zzzz=1"], r"unknown key\(s\) \['zzzz'\]; allowed"),  # nothing close: no guess
+])
+def test_an_unknown_key_names_the_closest_known_one(tmp_path, data, overrides, match):
+    with pytest.raises(S2DError, match=match):
+        load_plan(_write(tmp_path, data), overrides)

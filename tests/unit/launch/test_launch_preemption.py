@@ -125,3 +125,19 @@ def test_agent_forwards_sigusr1_to_its_workers(tmp_path):
     assert proc.stdout.readline().strip() == "done"
     assert proc.wait(timeout=20) == 0
     assert flag.exists()
+
+
+@pytest.mark.parametrize("worker_exit, agent_exit", [(75, 75), (2, 2), ("kill", 128 + 9)])
+def test_agent_exits_with_the_workers_code(tmp_path, worker_exit, agent_exit):
+    """torchrun exits 1 whatever its workers returned; the agent passes the first failure's code on, so the launcher
+    and ``s2d status`` can tell a checkpointed stop (75) or bad input (2) from a crash, and name a kill."""
+    import subprocess
+    import sys
+
+    body = ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)" if worker_exit == "kill"
+            else f"import sys; sys.exit({worker_exit})")
+    script = tmp_path / "worker.py"
+    script.write_text(body + "\n")
+    r = subprocess.run([sys.executable, "-m", "megatron_s2d.launch.agent", "--nnodes", "1", "--nproc-per-node", "2",
+                        "--standalone", str(script)], capture_output=True, text=True, timeout=180)
+    assert r.returncode == agent_exit, r.stderr[-2000:]

@@ -88,6 +88,9 @@ def test_precheck(answer, ok):
 def test_gold_text():
     assert gold_answer_text(" $x=3$ ") == "x=3"
     assert gold_answer_text("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    # several boxes are a set: kept whole for math-verify to read together (not the last box alone)
+    assert gold_answer_text(" \\boxed{1}\n\\boxed{2} ") == "\\boxed{1} \\boxed{2}"
+    assert gold_answer_text("\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)") == "\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)"
 
 
 def test_precheck_response_looks_at_every_box():

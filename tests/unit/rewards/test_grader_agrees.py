@@ -31,6 +31,14 @@ TABLE = [
     ("\\{1,2\\}", "\\boxed{\\{2, 1\\}}", 1.0),
     ("1, 2", "\\boxed{2, 1}", 1.0),  # multi-answer gold, other order
     ("x=1 \\text{ or } x=2", "\\boxed{2, 1}", 1.0),
+    # a gold written as several boxes is a set for math-verify (we used to keep its last box only)
+    ("\\boxed{1}\\boxed{2}", "\\boxed{1,2}", 1.0),  # was 0
+    ("\\boxed{1}\\boxed{2}", "So \\boxed{2} and \\boxed{1}.", 1.0),  # was 0
+    ("\\boxed{1}\\boxed{2}", "\\boxed{2}", 0.0),  # was 1 (the last box alone)
+    ("\\boxed{2}, \\boxed{3}, \\boxed{5}", "The primes are \\boxed{2, 3, 5}.", 1.0),  # was 0
+    ("\\boxed{2}, \\boxed{3}, \\boxed{5}", "\\boxed{5}", 0.0),  # was 1
+    ("\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)", "\\boxed{-2, 1}", 1.0),  # was 0
+    ("\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)", "\\boxed{1, 2}", 0.0),
     ("3", "\\boxed{x = 3}", 1.0),
     ("x=3", "\\boxed{3}", 1.0),
     ("50\\%", "\\boxed{50\\%}", 1.0),

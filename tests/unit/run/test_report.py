@@ -97,3 +97,34 @@ def test_paired_difference_validation():
         paired_difference([0.5, 0.5], [0.5])
     one = paired_difference([0.5], [0.25])
     assert one.mean == 0.25 and math.isnan(one.stderr)
+
+
+def test_report_goes_to_out_and_leaves_the_run_folder_as_it_was(run, tmp_path):
+    from tests.unit.run._run_folder import snapshot
+
+    before = snapshot(run.root)
+    md, plots = write_report(run.root, tmp_path / "elsewhere" / "report")
+    assert (tmp_path / "elsewhere" / "report" / "report.md").read_text() == md + "\n"
+    assert all(p.parent == tmp_path / "elsewhere" / "report" for p in plots)
+    assert snapshot(run.root) == before
+
+
+def test_an_unwritable_report_folder_is_named_with_the_way_out(run):
+    run.report.write_text("a file where the report folder goes")  # as root, the one way to make it unwritable
+    with pytest.raises(S2DError, match=rf"^{run.report}: cannot write the report there \(.*\): pass --out DIR"):
+        write_report(run.root)
+
+
+@pytest.mark.parametrize("stage, file, text, match", [
+    ("opd", "lineage.json", '{"stage": "opd", "kind": "o', r"damaged JSON \(Unterminated string"),
+    ("opd", "lineage.json", '{"stage": "opd", "kind": "opd"}', r"damaged \(field 'ledger' missing"),
+    ("opd", "eval.json", '{"results": ', r"damaged JSON \(Expecting value"),
+    ("opd", "eval.json", '[1, 2]', r"damaged \(field .* of the wrong type"),
+    ("opd", "metrics.jsonl", '{"step": 1}\n{"step": 2, "re', r"damaged JSON at line 2"),
+    (BASE_EVAL, "eval.json", '{"teacher_base": {"label": "x"}}', r"damaged \(field 'results' missing"),
+])
+def test_a_damaged_file_is_named(run, stage, file, text, match):
+    path = run.stage(stage) / file
+    path.write_text(text)
+    with pytest.raises(S2DError, match=rf"^{path}: {match}.*s2d run PLAN --restart STAGE"):
+        collect(run)

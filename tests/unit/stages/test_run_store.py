@@ -32,6 +32,9 @@ def test_parent_resolution(tmp_path):
         store.checkpoint_of("fkl", "student")
     final = _fake_model_ckpt(tmp_path / "stages" / "fkl" / "checkpoints" / "step_000002")
     (tmp_path / "stages" / "fkl" / "lineage.json").write_text(json.dumps({"final_checkpoint": str(final)}))
+    with pytest.raises(S2DError, match="COMPLETE is missing"):  # a lineage without COMPLETE is stale
+        store.checkpoint_of("fkl", "student")
+    (tmp_path / "stages" / "fkl" / "COMPLETE").write_text(str(final))
     assert store.checkpoint_of("fkl", "student") == final
     with pytest.raises(S2DError, match="not a megatron-s2d model checkpoint"):
         store.checkpoint_of("base", "student")
@@ -70,3 +73,27 @@ def test_ledger_adds_reduced_counters():
     led.add(StepCounters(prompts=4, generated_tokens=50))
     assert (led.prompts, led.generated_tokens, led.teacher_scored_tokens) == (8, 150, 100)
     assert StepCounters(prompts=3).all_reduce(None).prompts == 3  # no process group: nothing to sum
+
+
+def test_damaged_run_folder_files_are_named(tmp_path):
+    """The stage job's reads of the run folder go through ``errors.read_json``: a file cut short names itself."""
+    from megatron_s2d.data.split_store import read_manifests, read_split
+
+    store, _ = _store(tmp_path)
+    lineage = tmp_path / "stages" / "fkl" / "lineage.json"
+    lineage.parent.mkdir(parents=True)
+    lineage.write_text('{"final_checkpoint": "/x')
+    (lineage.parent / "COMPLETE").write_text("/x\n")
+    with pytest.raises(S2DError, match=rf"^{lineage}: damaged JSON \("):
+        store.checkpoint_of("fkl", "student")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n{"step": 2, "lo\n')
+    with pytest.raises(S2DError, match=rf"^{metrics}: damaged JSON at line 2"):
+        MetricsLog(metrics, enabled=True).truncate(1)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "splits.json").write_text('{"1H": {"count": 3, ')
+    with pytest.raises(S2DError, match=rf"^{data / 'splits.json'}: damaged JSON"):
+        read_manifests(data)
+    with pytest.raises(S2DError, match=rf"^{data / 'splits.json'}: damaged JSON"):
+        read_split(data, "1H")
