@@ -18,7 +18,8 @@ import warnings
 from megatron_s2d.config.kinds import (KINDS, consumes_labels, generating_model, kind_of, models_of, rows_per_prompt,
                                        trained_model)
 from megatron_s2d.config.schema import (
-    GRPOStageConfig, OPDStageConfig, PlanConfig, RolloutCorrectionConfig, StageBase, WarmupStageConfig,
+    GRPOStageConfig, OPDStageConfig, PlanConfig, RolloutCorrectionConfig, StageBase, TeacherSFTStageConfig,
+    WarmupStageConfig,
 )
 from megatron_s2d.errors import S2DError
 
@@ -135,6 +136,18 @@ def _check_kind_fields(s: StageBase, w: str) -> None:
         if s.opd.mode == "topk" and s.rollout_correction.mode != "none":
             raise S2DError(f"{w}.rollout_correction applies to the policy gradient (opd.mode 'sampled'); the top-k "
                            "reverse KL of opd.mode 'topk' is not importance-weighted: set rollout_correction.mode: none")
+    elif isinstance(s, TeacherSFTStageConfig):
+        sft = s.sft
+        if sft.samples_per_prompt < 1 or sft.rounds < 1:
+            raise S2DError(f"{w}.sft: samples_per_prompt and rounds must be >= 1 (got {sft.samples_per_prompt}, "
+                           f"{sft.rounds})")
+        if sft.source == "rejection" and s.steps % sft.rounds:
+            raise S2DError(f"{w}.steps = {s.steps} does not divide into sft.rounds = {sft.rounds} rounds (each round "
+                           "samples the split, then trains steps / rounds steps on its kept samples); use a multiple "
+                           f"of {sft.rounds}")
+        if sft.source == "solutions" and sft.rounds != 1:
+            raise S2DError(f"{w}.sft.rounds = {sft.rounds} applies to sft.source: rejection (sampling rounds); "
+                           "sft.source: solutions trains on the fixed reference solutions: remove sft.rounds")
 
 
 def _check_stage(plan: PlanConfig, s: StageBase, where: str) -> None:
@@ -150,7 +163,8 @@ def _check_stage(plan: PlanConfig, s: StageBase, where: str) -> None:
                        f"{s.init!r} trains the {trained_model(by_name[s.init])}")
     if k.needs_teacher:
         if teacher is None:
-            raise S2DError(f"{w}.teacher is required for a {s.kind} stage ('base' or a teacher_rl stage name)")
+            raise S2DError(f"{w}.teacher is required for a {s.kind} stage ('base' or the name of a stage that trains "
+                           "the teacher: teacher_rl, teacher_sft)")
         if teacher != "base" and trained_model(by_name[teacher]) != "teacher":
             raise S2DError(f"{w}.teacher = {teacher!r} is a {by_name[teacher].kind} stage, not one that trains the "
                            "teacher")
@@ -253,7 +267,9 @@ def batch_layout_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
         return [f"{w}.prompts_per_step = {stage.prompts_per_step} does not divide over the {dp} data-parallel ranks "
                 f"of models.{role} (world {world} / tp {m.tp} / pp {m.pp}); use a multiple of {dp}"]
     rows = stage.prompts_per_step // dp * rows_per_prompt(stage)
-    what = "warmup.teacher_samples_per_prompt" if isinstance(stage, WarmupStageConfig) else "samples_per_prompt"
+    what = ("warmup.teacher_samples_per_prompt" if isinstance(stage, WarmupStageConfig) else
+            "rows per prompt (sft: 1 solution, or at most sft.samples_per_prompt kept samples)"
+            if isinstance(stage, TeacherSFTStageConfig) else "samples_per_prompt")
     if stage.updates_per_step > rows:
         return [f"{w}.updates_per_step = {stage.updates_per_step} exceeds the {rows} sequences each data-parallel rank "
                 f"trains on per step (prompts_per_step / dp x {what} = {stage.prompts_per_step} / {dp} x "

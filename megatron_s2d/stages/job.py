@@ -42,11 +42,12 @@ LOGGED = ("reward_mean", "kl_mean", "reverse_kl_mean", "clip_frac", "entropy_mea
 
 
 def plan_evaluator(plan: PlanConfig, log=print) -> Evaluator:
-    """The plan's evaluation: its eval sets and sampling (the same for every route of the run: paired)."""
+    """The plan's evaluation: its eval sets, sampling and grader (the same for every route of the run: paired)."""
     ev = plan.eval
     sets = [(e.name, load_source(e.source, e.limit, log=log)) for e in plan.data.eval]
     return Evaluator(sets=sets, k=ev.k, temperature=ev.temperature, top_p=ev.top_p,
-                     max_new_tokens=ev.max_new_tokens, instruction=plan.data.instruction, seed=plan.seed)
+                     max_new_tokens=ev.max_new_tokens, instruction=plan.data.instruction, seed=plan.seed,
+                     graders=(plan.grader,))
 
 
 def trainable_policy(arch, model_cfg, stage, seed: int):
