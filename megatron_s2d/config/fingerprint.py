@@ -9,10 +9,11 @@ between a stop and a resume, and the change is recorded.
     fields = stage_fingerprint(plan, stage)          # {"steps": 30, "optim.lr": 1e-6, "models.student.dtype": ...}
     changed = result_changes(recorded, fields)       # [("optim.lr", 1e-6, 0.5)]   (neutral fields left out)
 
-What is in it: the stage's own config (minus the neutral fields), the plan seed, the data pool and split settings,
-the instruction, and, for each model the stage holds (``config.kinds.models_of``), its dtype and FP8 recipe (they
-change numerics). Parallel layouts (TP/PP), recomputation, packing and engine memory settings are neutral: they move
-where the work happens, and the stage resumes at any layout (dist checkpoints reshard).
+What is in it: the stage's own config (minus the neutral fields), the plan seed, the plan's grader for a stage that
+consumes labels (it is the reward), the data pool and split settings, the instruction, and, for each model the
+stage holds (``config.kinds.models_of``), its dtype and FP8 recipe (they change numerics). Parallel layouts (TP/PP),
+recomputation, packing and engine memory settings are neutral: they move where the work happens, and the stage
+resumes at any layout (dist checkpoints reshard).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import hashlib
 import json
 from typing import Any
 
-from megatron_s2d.config.kinds import models_of
+from megatron_s2d.config.kinds import consumes_labels, models_of
 from megatron_s2d.config.schema import PlanConfig, StageBase
 
 # Stage fields (dotted, relative to the stage) that do not change what the stage computes. A prefix covers its subtree.
@@ -59,6 +60,8 @@ def stage_fingerprint(plan: PlanConfig, stage: StageBase) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     _flatten(dataclasses.asdict(stage), "", fields)
     fields["seed"] = plan.seed
+    if consumes_labels(stage):
+        fields["grader"] = plan.grader  # what grades its reward (a stage reading no labels grades nothing it trains on)
     d = plan.data
     _flatten({"pool": d.pool, "pool_limit": d.pool_limit, "instruction": d.instruction,
               "split": dataclasses.asdict(d.split)}, "data", fields)
@@ -84,20 +87,24 @@ def fingerprint_digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-_ABSENT = "<absent>"
-
-
 def _changes(old: dict[str, Any], new: dict[str, Any], neutral: bool) -> list[tuple[str, Any, Any]]:
+    """Fields recorded on one side only are left out: a setting an older megatron-s2d did not have (or one since
+    removed) cannot have been set otherwise by that run; :func:`unrecorded` lists them."""
     out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+    for k in sorted(set(old) & set(new)):
+        a, b = old[k], new[k]
         if a != b and is_neutral(k) == neutral:
             out.append((k, a, b))
     return out
 
 
+def unrecorded(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Fields the plan has now that the record lacks (written by an older megatron-s2d): not compared."""
+    return sorted(set(new) - set(old))
+
+
 def result_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(field, old, new) for every result-changing field that differs (a field only one side has counts)."""
+    """(field, old, new) for every result-changing field both sides record that differs."""
     return _changes(old, new, neutral=False)
 
 

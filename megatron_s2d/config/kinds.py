@@ -8,6 +8,12 @@ estimate, the report and the job entry all read it; nothing else compares kind s
     fkl_warmup   WarmupStageConfig   student   teacher        yes      no (prompts only)       stages.fkl_warmup
     opd          OPDStageConfig      student   student        yes      if opd.task_reward_coef stages.opd
                                                                        (mode sampled)
+    teacher_sft  TeacherSFTStage-    teacher   teacher        no       yes (solutions: the     stages.teacher_sft
+                 Config                        (rejection;             reference solution;
+                                               solutions: none)        rejection: the reward)
+
+``teacher_sft`` with ``sft.source: solutions`` generates nothing; its kind still says ``samples_from: teacher`` (the
+memory estimate and the dry run then budget a generation it does not run: an over-estimate, never an under-one).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from megatron_s2d.config.schema import (
-    GRPOStageConfig, OPDStageConfig, StageBase, StageConfig, WarmupStageConfig,
+    GRPOStageConfig, OPDStageConfig, StageBase, StageConfig, TeacherSFTStageConfig, WarmupStageConfig,
 )
 from megatron_s2d.errors import S2DError
 
@@ -41,6 +47,12 @@ def _opd_reads_reward(stage: OPDStageConfig) -> bool:
     return stage.opd.mode == "sampled" and stage.opd.task_reward_coef != 0
 
 
+def _sft_rows(stage: TeacherSFTStageConfig) -> int:
+    """Training sequences per prompt: its reference solution, or at most its ``sft.samples_per_prompt`` kept samples
+    (an upper bound: only the samples the reward grades correct are kept)."""
+    return 1 if stage.sft.source == "solutions" else stage.sft.samples_per_prompt
+
+
 KINDS: dict[str, StageKind] = {
     "teacher_rl": StageKind("teacher_rl", GRPOStageConfig, "teacher", "teacher", False, lambda s: True,
                             lambda s: s.samples_per_prompt, "megatron_s2d.stages.grpo:run"),
@@ -50,6 +62,8 @@ KINDS: dict[str, StageKind] = {
                             lambda s: s.warmup.teacher_samples_per_prompt, "megatron_s2d.stages.fkl_warmup:run"),
     "opd": StageKind("opd", OPDStageConfig, "student", "student", True, _opd_reads_reward,
                      lambda s: s.samples_per_prompt, "megatron_s2d.stages.opd:run"),
+    "teacher_sft": StageKind("teacher_sft", TeacherSFTStageConfig, "teacher", "teacher", False, lambda s: True,
+                             _sft_rows, "megatron_s2d.stages.teacher_sft:run"),
 }
 
 
@@ -71,13 +85,20 @@ def generating_model(stage: StageBase) -> Role:
 
 
 def consumes_labels(stage: StageBase) -> bool:
-    """RL stages use gold answers; so does OPD when the sparse task reward is mixed into its dense reward."""
+    """RL stages use gold answers; so does OPD when the sparse task reward is mixed into its dense reward, and the
+    teacher's SFT (the reference solutions, or the reward that grades its samples)."""
     return kind_of(stage).consumes_labels(stage)
 
 
 def rows_per_prompt(stage: StageBase) -> int:
     """Training sequences per prompt: the teacher samples of the forward-KL warmup, the policy's samples otherwise."""
     return kind_of(stage).rows_per_prompt(stage)
+
+
+def reads_solutions(stage: StageBase) -> bool:
+    """Whether a stage trains on the reference solutions of its split's rows (``teacher_sft`` with
+    ``sft.source: solutions``): its pool must carry them (refused before anything runs, ``data.sources``)."""
+    return isinstance(stage, TeacherSFTStageConfig) and stage.sft.source == "solutions"
 
 
 def models_of(stage: StageBase) -> list[Role]:

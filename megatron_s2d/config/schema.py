@@ -6,13 +6,15 @@ Defaults are those of a real run (an 8B-class model on H100s, 8192-token respons
   * ``prompts_per_step``      prompts drawn per training step (global: all data-parallel ranks together)
   * ``samples_per_prompt``    rollouts per prompt the policy generates (the GRPO group size G); GRPO and OPD stages
   * ``warmup.teacher_samples_per_prompt``  teacher rollouts per prompt the forward-KL warmup trains on
+  * ``sft.samples_per_prompt``  teacher samples per prompt, per round, that rejection-sampling SFT grades and keeps
   * ``micro_batch_tokens``    token budget of one micro-batch on one rank (prompt + response tokens)
   * ``updates_per_step``      optimizer updates per step (each rank's rows are cut into that many mini-batches)
   * ``optim.warmup_updates``  learning-rate warmup, in optimizer updates (a stage makes steps x updates_per_step)
 
-A stage is one of three configs, chosen by its ``kind`` (a tagged union; the facts about each kind live in
+A stage is one of four configs, chosen by its ``kind`` (a tagged union; the facts about each kind live in
 :mod:`megatron_s2d.config.kinds`): :class:`GRPOStageConfig` (``teacher_rl``, ``student_rl``),
-:class:`WarmupStageConfig` (``fkl_warmup``) and :class:`OPDStageConfig` (``opd``). GRPO and OPD share the
+:class:`WarmupStageConfig` (``fkl_warmup``), :class:`OPDStageConfig` (``opd``) and :class:`TeacherSFTStageConfig`
+(``teacher_sft``). GRPO and OPD share the
 clipped policy-gradient machinery and so share :class:`ClipConfig`. Ranges and divisibility are checked when a plan
 is loaded (:mod:`megatron_s2d.config.validate`); keys older plans used are listed in ``RENAMED`` and fail with a
 message that says what to write instead.
@@ -216,6 +218,21 @@ class WarmupConfig:
 
 
 @dataclass
+class SFTConfig:
+    """The teacher's supervised fine-tuning (``teacher_sft``): what it trains on."""
+
+    # solutions: the split's reference solutions (a pool row's ``solution``: MATH's worked solution, the toy's
+    # ``toy.problems.solution_text``), one response per prompt, ending in \\boxed{answer} (appended when absent);
+    # a pool without them is refused. rejection: rejection-sampling fine-tuning on the teacher's own samples that
+    # the reward grades correct (DAPO-Math-17k has no solutions)
+    source: Literal["solutions", "rejection"] = "solutions"
+    samples_per_prompt: int = 8  # rejection: teacher samples per prompt of the split, per round
+    # rejection: sample-and-keep rounds (expert iteration); each round samples every prompt of the split with the
+    # current weights, then trains steps / rounds of the stage's steps on that round's kept samples
+    rounds: int = 1
+
+
+@dataclass
 class OPDConfig:
     """Stage 2b, on-policy distillation on student samples."""
 
@@ -232,7 +249,7 @@ class StageBase:
     """What every stage has: its place in the DAG, its data, its schedule, its optimizer and its sampling."""
 
     name: str = ""
-    kind: str = ""  # the tag: teacher_rl | student_rl | fkl_warmup | opd (see config.kinds)
+    kind: str = ""  # the tag: teacher_rl | student_rl | fkl_warmup | opd | teacher_sft (see config.kinds)
     init: str = "base"  # "base" (the model's base weights) or the name of a parent stage to continue from
     split: str | None = None  # data split: labels for RL stages, prompts only for fkl_warmup / opd
     replay: bool = False  # allow labels an ancestor already consumed (the matched-replay control)
@@ -280,7 +297,17 @@ class OPDStageConfig(StageBase):
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)  # mode "sampled"
 
 
-StageConfig = Union[GRPOStageConfig, WarmupStageConfig, OPDStageConfig]
+@dataclass
+class TeacherSFTStageConfig(StageBase):
+    """The SFT-trained teacher (``teacher_sft``; the paper's Table 3 / 5 SFT teachers): NLL of reference solutions
+    or of the teacher's own reward-graded samples, on its labeled split. ``steps``: optimizer steps (one batch of
+    ``prompts_per_step`` prompts' responses each: the solution, or every kept sample of the prompt)."""
+
+    kind: Literal["teacher_sft"] = "teacher_sft"
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+StageConfig = Union[GRPOStageConfig, WarmupStageConfig, OPDStageConfig, TeacherSFTStageConfig]
 
 
 # ----------------------------------------------------------------------------------------------- eval and launch
@@ -340,6 +367,9 @@ class PlanConfig:
     name: str = "s2d"
     run_dir: str = "runs/s2d"
     seed: int = 1234
+    # what grades every reward and evaluation of the plan (``rewards.GRADERS``): math-verify, or lm-eval's Hendrycks
+    # last-box string equivalence (``rewards.hendrycks``; the grader of the authors' public OPD code)
+    grader: Literal["math_verify", "hendrycks_boxed"] = "math_verify"
     models: dict[str, ModelConfig] = field(default_factory=dict)  # must hold "teacher" and "student"
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=list)
@@ -370,4 +400,6 @@ RENAMED: dict[type, dict[str, str]] = {
         "distill": "opd: {mode (was opd_mode), topk, task_reward_coef (was opd_task_reward_coef)} and "
                    f"{_CLIP}",
         "grpo": "nothing: an opd stage has no GRPO settings (its ratio clip is clip: {eps_low, eps_high})"},
+    TeacherSFTStageConfig: {
+        "samples_per_prompt": "sft.samples_per_prompt (the teacher's samples per prompt of sft.source: rejection)"},
 }

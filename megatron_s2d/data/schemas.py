@@ -11,7 +11,9 @@ Schemas (column names verified against the dataset cards on the Hugging Face hub
 - "math500": HuggingFaceH4/MATH-500 (problem, solution, answer, subject, level, unique_id).
 - "aime":    problem + answer, optional id/solution/url/year (HuggingFaceH4/aime_2024, AIME 2025 mirrors).
              Integer answers (some mirrors store int64) are converted to text.
-- "s2d":     the project's own normalised schema {id, prompt, answer, source[, meta]}.
+- "s2d":     the project's own normalised schema {id, prompt, answer, source[, meta][, solution]}.
+A worked reference solution is kept as `Problem.solution` where the row has one (MATH, MATH-500, AIME mirrors with
+a `solution` column, s2d rows with `solution`: the shipped toy sets); DAPO rows have none.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def _answer(row: dict, key: str) -> str:
     if not value.strip():
         raise RowProblem(f"empty '{key}'")
     return value.strip()
+
+
+def _solution(row: dict) -> str | None:
+    """The row's optional worked ``solution`` (None when absent, null or blank)."""
+    value = _text(row, "solution", required=False)
+    return value if value is not None and value.strip() else None
 
 
 def _raw_id(row: dict, key: str, row_no: int) -> str:
@@ -110,21 +118,22 @@ def _math(row: dict, row_no: int, source: str) -> Problem:
         raise RowProblem("'solution' has no complete \\boxed{} answer")
     meta = {k: row[k] for k in ("level", "type") if row.get(k) is not None}
     subject = row.get("_config") or row.get("type") or "math"
-    return Problem(f"{source}/{subject}/{row_no}", problem, boxed.strip(), source, meta)
+    return Problem(f"{source}/{subject}/{row_no}", problem, boxed.strip(), source, meta, solution=solution)
 
 
 def _math500(row: dict, row_no: int, source: str) -> Problem:
     problem = _text(row, "problem")
     answer = _answer(row, "answer")
     meta = {k: row[k] for k in ("subject", "level", "unique_id") if row.get(k) is not None}
-    return Problem(f"{source}/{_raw_id(row, 'unique_id', row_no)}", problem, answer, source, meta)
+    return Problem(f"{source}/{_raw_id(row, 'unique_id', row_no)}", problem, answer, source, meta,
+                   solution=_solution(row))
 
 
 def _aime(row: dict, row_no: int, source: str) -> Problem:
     problem = _text(row, "problem")
     answer = _answer(row, "answer")
     meta = {k: row[k] for k in ("url", "year") if row.get(k) is not None}
-    return Problem(f"{source}/{_raw_id(row, 'id', row_no)}", problem, answer, source, meta)
+    return Problem(f"{source}/{_raw_id(row, 'id', row_no)}", problem, answer, source, meta, solution=_solution(row))
 
 
 def _s2d(row: dict, row_no: int, source: str) -> Problem:
@@ -134,7 +143,8 @@ def _s2d(row: dict, row_no: int, source: str) -> Problem:
     if not isinstance(meta, dict):
         raise RowProblem(f"'meta' must be a dict, got {type(meta).__name__}")
     row_source = _text(row, "source", required=False)
-    return Problem(_raw_id(row, "id", row_no), prompt, answer, row_source or source, dict(meta))
+    return Problem(_raw_id(row, "id", row_no), prompt, answer, row_source or source, dict(meta),
+                   solution=_solution(row))
 
 
 CONVERTERS: dict[str, Callable[[dict, int, str], Problem]] = {

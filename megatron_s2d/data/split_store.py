@@ -69,7 +69,7 @@ def read_split(data_dir: Path, name: str) -> list[Problem]:
     problems = []
     for d in read_jsonl(path):
         problems.append(Problem(id=d["id"], prompt=d["prompt"], answer=d["answer"], source=d["source"],
-                                meta=d.get("meta") or {}))
+                                meta=d.get("meta") or {}, solution=d.get("solution")))
     manifest = SplitManifest.from_dict(manifests[name])
     if set_hash(p.content_hash() for p in problems) != manifest.content_hash or len(problems) != manifest.count:
         raise S2DError(f"{path}: members no longer match the manifest in {manifest_path(data_dir)} "

@@ -26,7 +26,9 @@ class Problem:
     id: identifier, unique within its source (e.g. "aime2024/60"); prompt: the question text without any chat
     template or answer-format instruction; answer: the gold answer as text ("42", "\\frac{1}{2}");
     source: dataset name ("dapo-math-17k", "math", ...); meta: extra columns (level, subject, url, ...), not part
-    of equality or hashing.
+    of equality or hashing; solution: the reference worked solution where the data has one (MATH's ``solution``,
+    the toy's ``solution_text``; None for DAPO), not part of equality or hashing (splits do not move when a pool
+    gains solutions). ``teacher_sft`` with ``sft.source: solutions`` trains on it: a label, like the answer.
     """
 
     id: str
@@ -34,6 +36,7 @@ class Problem:
     answer: str
     source: str
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    solution: str | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("id", "prompt", "answer", "source"):
@@ -44,6 +47,8 @@ class Problem:
                 raise S2DError(f"Problem.{name} is empty (id={self.id!r})")
         if not isinstance(self.meta, dict):
             raise S2DError(f"Problem.meta must be a dict, got {type(self.meta).__name__} (id={self.id!r})")
+        if self.solution is not None and (not isinstance(self.solution, str) or not self.solution.strip()):
+            raise S2DError(f"Problem.solution must be a non-empty str or None (id={self.id!r})")
 
     def content_hash(self) -> str:
         """sha256 hex of the normalised prompt and answer: the key for splits and de-duplication."""
@@ -51,8 +56,10 @@ class Problem:
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def to_dict(self) -> dict:
-        """The project's normalised schema: {id, prompt, answer, source, meta}."""
-        return {"id": self.id, "prompt": self.prompt, "answer": self.answer, "source": self.source, "meta": self.meta}
+        """The project's normalised schema: {id, prompt, answer, source, meta[, solution]} (``solution`` only where
+        there is one, so a pool without solutions writes the rows it always wrote)."""
+        row = {"id": self.id, "prompt": self.prompt, "answer": self.answer, "source": self.source, "meta": self.meta}
+        return row if self.solution is None else {**row, "solution": self.solution}
 
 
 @dataclass(frozen=True)

@@ -138,3 +138,41 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifferenc
                        f"{len(xs or [])} and {len(ys or [])}")
     mean, stderr = _mean_and_stderr([float(x) - float(y) for x, y in zip(xs, ys)])
     return PairedDifference(mean, stderr, len(xs))
+
+
+@dataclass(frozen=True)
+class GraderAgreement:
+    """How often two graders give the same verdict on the same samples (``s2d eval --grader both``)."""
+
+    a: str
+    b: str
+    n_samples: int
+    n_agree: int
+    only_a: int
+    """Samples grader ``a`` calls correct and ``b`` wrong."""
+    only_b: int
+    """Samples grader ``b`` calls correct and ``a`` wrong."""
+
+    @property
+    def rate(self) -> float:
+        """n_agree / n_samples (NaN with no samples)."""
+        return self.n_agree / self.n_samples if self.n_samples else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"graders": [self.a, self.b], "n_samples": self.n_samples, "agreement_rate": self.rate,
+                "correct_only_by": {self.a: self.only_a, self.b: self.only_b}}
+
+    def __str__(self) -> str:
+        return (f"{self.a} and {self.b} agree on {100 * self.rate:.1f}% of {self.n_samples} samples; correct only by "
+                f"{self.a}: {self.only_a}, only by {self.b}: {self.only_b}")
+
+
+def grader_agreement(a: str, scores_a: Sequence[float], b: str, scores_b: Sequence[float]) -> GraderAgreement:
+    """Agreement of grader ``a`` and grader ``b`` on the same samples: flat 0/1 verdicts, same order."""
+    xs, ys = _as_list(scores_a), _as_list(scores_b)
+    if xs is None or ys is None or len(xs) != len(ys):
+        raise S2DError(f"grader agreement: need two equally long lists of per-sample verdicts, got "
+                       f"{len(xs or [])} and {len(ys or [])}")
+    pa, pb = [float(x) > 0.5 for x in xs], [float(y) > 0.5 for y in ys]
+    return GraderAgreement(a, b, len(pa), sum(x == y for x, y in zip(pa, pb)),
+                           sum(x and not y for x, y in zip(pa, pb)), sum(y and not x for x, y in zip(pa, pb)))

@@ -2,7 +2,9 @@
 
 Under torchrun with ``--tp N`` the megatron engine runs tensor-parallel; problems are spread over data-parallel
 ranks. With ``--engine vllm`` an HF folder is served by vLLM directly (a megatron checkpoint is exported to HF first).
-Output: a table on stdout and, with ``--out``, JSON with the sampling parameters recorded.
+Output: a table on stdout and, with ``--out``, JSON with the sampling parameters and the grader recorded.
+``--grader both`` scores every sample with math-verify and with lm-eval's Hendrycks last box: the table has a row per
+grader, and a line per data set says how often they agree (and how many samples only one of them calls correct).
 
 Everything that can be wrong with the arguments is refused before a model is loaded: ``--out`` (a folder, or a file
 in a missing or unwritable folder, would lose the evaluation at its end), the data (``--schema``, and ``--strict``,
@@ -112,6 +114,26 @@ def _write_results(path: Path | None, out: dict) -> None:
         raise S2DError(f"--out {path}: could not write the results ({e}); they are printed above") from e
 
 
+def graders_of(choice: str) -> tuple[str, ...]:
+    """``--grader``: the graders the Evaluator runs, the one that scores avg@k first."""
+    return ("math_verify", "hendrycks_boxed") if choice == "both" else (choice,)
+
+
+def results_table(results: dict, k: int) -> str:
+    """The markdown table ``s2d eval`` prints (a row per data set and grader), then the graders' agreement lines."""
+    lines = [f"| data | grader | avg@{k} | stderr | problems |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        for grader, g in r.get("by_grader", {r["grader"]: r}).items():
+            lines.append(f"| {name} | {grader} | {100 * g['avg']:.2f} | {100 * g['stderr']:.2f} | {r['n_problems']} |")
+    for name, r in results.items():
+        if "agreement" in r:
+            a = r["agreement"]
+            (ga, na), (gb, nb) = a["correct_only_by"].items()
+            lines.append(f"{name}: graders agree on {100 * a['agreement_rate']:.1f}% of {a['n_samples']} samples "
+                         f"(correct only by {ga}: {na}, only by {gb}: {nb})")
+    return "\n".join(lines)
+
+
 def main(args) -> int:
     if args.k < 1:
         raise S2DError(f"--k = {args.k}: must be >= 1")
@@ -134,7 +156,7 @@ def main(args) -> int:
 
     info = init_distributed(args.tp, 1, seed=args.seed)
     evaluator = Evaluator(sets=sets, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                          max_new_tokens=budget, instruction=None, seed=args.seed)
+                          max_new_tokens=budget, instruction=None, seed=args.seed, graders=graders_of(args.grader))
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         if args.engine == "vllm":
@@ -164,9 +186,7 @@ def main(args) -> int:
                                      show_progress=info.is_main)
         engine.close()
     if info.is_main:
-        print(f"| data | avg@{args.k} | stderr | problems |\n|---|---|---|---|")
-        for name, r in results.items():
-            print(f"| {name} | {100 * r['avg']:.2f} | {100 * r['stderr']:.2f} | {r['n_problems']} |")
+        print(results_table(results, args.k))
         _write_results(out_path, {"model": str(model_dir), "engine": args.engine, "results": results})
     torch.distributed.barrier()
     return 0

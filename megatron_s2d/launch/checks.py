@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_s2d.config.schema import PlanConfig
-from megatron_s2d.config.kinds import models_of
+from megatron_s2d.config.kinds import models_of, reads_solutions
 from megatron_s2d.config.validate import context_errors, generating_model, layout_errors, vllm_tp
-from megatron_s2d.data.sources import data_source_errors
+from megatron_s2d.data.sources import data_source_errors, solution_errors
 from megatron_s2d.errors import S2DError, read_json
 from megatron_s2d.launch.jobs import Job
 from megatron_s2d.models.memory import StageMemory, estimate_base_eval_memory, estimate_stage_memory
@@ -167,6 +167,7 @@ def check_jobs(plan: PlanConfig, jobs: list[Job]) -> list[JobCheck]:
     # what a run checks before anything heavy (run.preflight.check_inputs), from the configs read here
     errors.extend(context_errors(plan, {role: arch.max_position_embeddings for role, arch in archs.items()}))
     errors.extend(data_source_errors(plan.data))
+    errors.extend(solution_errors(plan.data.pool, [s.name for s in plan.stages if reads_solutions(s)]))
     memory_errors: list[str] = []
     checks = [c for c in (check_job(plan, j, archs, errors, memory_errors) for j in jobs) if c is not None]
     if errors or memory_errors:

@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "naming its file and row; by default such rows are skipped and counted")
     ev.add_argument("--k", type=int, default=16, help="samples per problem (avg@k)")
     ev.add_argument("--engine", choices=["megatron", "vllm"], default="megatron", help="the generation engine")
+    ev.add_argument("--grader", choices=["math_verify", "hendrycks_boxed", "both"], default="math_verify",
+                    help="what grades the answers: math-verify, lm-eval's Hendrycks last-box string equivalence (the "
+                         "authors' public code), or both (avg@k by math-verify, plus each grader's and their agreement)")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     ev.add_argument("--max-new-tokens", type=int, default=None,

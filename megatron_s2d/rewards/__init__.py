@@ -1,7 +1,9 @@
-"""Rewards: the sparse math reward (math-verify behind a killable worker pool)."""
+"""Rewards: the sparse math reward (math-verify behind a killable worker pool, or lm-eval's Hendrycks last-box
+string equivalence in process: ``GRADERS``)."""
 
 from megatron_s2d.rewards.extract import extract_answer
 from megatron_s2d.rewards.math import (
+    GRADERS,
     BatchResult,
     RewardStats,
     math_reward,
@@ -11,6 +13,7 @@ from megatron_s2d.rewards.math import (
 from megatron_s2d.rewards.pool import shutdown_pool
 
 __all__ = [
+    "GRADERS",
     "BatchResult",
     "RewardStats",
     "extract_answer",

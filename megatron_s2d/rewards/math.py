@@ -19,6 +19,8 @@ Pipeline per response (the grading itself is math-verify's, as the paper scores;
 Identical (response tail, gold) pairs of a batch are graded once. There is no in-process fast path: any shortcut
 that differs from math-verify on one answer form is a grader disagreement (tests/unit/rewards/test_grader_agrees.py
 checks a table of forms against math-verify itself).
+A plan's ``grader: hendrycks_boxed`` (``score_batch_with_stats(..., grader=...)``) grades with lm-eval's last-box
+string equivalence instead (`rewards.hendrycks`), in process; golds are read the same way.
 Gold answers are trusted dataset labels: they must be non-empty strings (ints are accepted and converted);
 a `\\boxed{}` or `$...$` around a gold is removed; a gold written as several boxes (`\\boxed{1}\\boxed{2}`) is a set,
 as math-verify parses it (`extract.gold_answer_text`).
@@ -32,9 +34,13 @@ from dataclasses import dataclass, field
 
 from megatron_s2d.errors import S2DError
 from megatron_s2d.rewards.extract import gold_answer_text, precheck_response, response_tail
+from megatron_s2d.rewards.hendrycks import hendrycks_grade
 from megatron_s2d.rewards.pool import get_pool
 
 OUTCOMES = ("correct", "wrong", "no_answer", "rejected", "no_parse", "timeout", "crashed", "error")
+GRADERS = ("math_verify", "hendrycks_boxed")
+"""What can grade a response (a plan's ``grader``): math-verify (this module, the default) or lm-eval's Hendrycks
+last-box string equivalence (`rewards.hendrycks`, the grader of the authors' public OPD code)."""
 
 
 @dataclass
@@ -89,9 +95,13 @@ def default_workers() -> int:
 
 
 def score_batch_with_stats(
-    responses: list, golds: list, timeout_s: float = 1.0, workers: int | None = None
+    responses: list, golds: list, timeout_s: float = 1.0, workers: int | None = None, grader: str = "math_verify"
 ) -> BatchResult:
-    """Score `responses[i]` against `golds[i]` in parallel over the worker pool; see the module docstring."""
+    """Score `responses[i]` against `golds[i]` in parallel over the worker pool; see the module docstring.
+    ``grader="hendrycks_boxed"``: lm-eval's last-box string equivalence instead (`rewards.hendrycks`), in this process
+    on the whole response (pure string operations, linear in its length: no pool, no deadline needed)."""
+    if grader not in GRADERS:
+        raise S2DError(f"score_batch: grader = {grader!r} is not one of {list(GRADERS)}")
     if len(responses) != len(golds):
         raise S2DError(f"score_batch: {len(responses)} responses but {len(golds)} golds")
     if timeout_s <= 0:
@@ -106,6 +116,9 @@ def score_batch_with_stats(
     tasks: list[tuple[str, str]] = []
     for i, (response, gold) in enumerate(zip(responses, gold_texts)):
         if not isinstance(response, str) or not response.strip():
+            continue
+        if grader == "hendrycks_boxed":
+            scores[i], outcomes[i] = hendrycks_grade(response, gold)
             continue
         tail = response_tail(response)
         if not tail.strip():
@@ -140,9 +153,10 @@ def score_batch_with_stats(
     return BatchResult(scores=scores, outcomes=outcomes, stats=stats)
 
 
-def score_batch(responses: list, golds: list, timeout_s: float = 1.0, workers: int | None = None) -> list[float]:
+def score_batch(responses: list, golds: list, timeout_s: float = 1.0, workers: int | None = None,
+                grader: str = "math_verify") -> list[float]:
     """1.0/0.0 per (response, gold) pair, in input order. `timeout_s` is the hard limit per response."""
-    return score_batch_with_stats(responses, golds, timeout_s=timeout_s, workers=workers).scores
+    return score_batch_with_stats(responses, golds, timeout_s=timeout_s, workers=workers, grader=grader).scores
 
 
 def math_reward(response: str, gold: str, timeout_s: float = 1.0) -> float:

@@ -13,6 +13,10 @@ paired_difference``), and z = difference / se. The contrasts (``contrasts``), al
    matched replay vs held-out student GRPO, ...);
 3. a multi-stage control's final student minus the main route's final student (the 1H/2H allocation contrast).
 
+Beside the paper (``run/paper.py``): when the run's eval sets are the paper's (MATH-500, AIME 2024/2025), its routes
+in the paper's row order with the paper's published figures (package data) and ours - paper; the toy world's
+report says it is not comparable.
+
 Plots: training curves per stage; student accuracy per route with standard-error bars against the teacher's
 (base and RL, as bands); the paired differences with their error bars.
 Nothing here is hard-coded: every number is read from eval.json / lineage.json / metrics.jsonl of this run.
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from megatron_s2d.errors import S2DError, read_json, read_jsonl
 from megatron_s2d.eval.metrics import paired_difference
+from megatron_s2d.run import paper
 from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
 
 # how to repair a damaged file the report reads (the stage job writes them when it completes)
@@ -45,18 +50,26 @@ def _fields_of(path: Path):
         raise S2DError(f"{path}: damaged (field {e} missing or of the wrong type): {_FIX}") from e
 
 
-def _plan_order(layout: RunLayout) -> list[str]:
-    """The stage names of the run's resolved plan, in plan order ([] without one)."""
+def _plan(layout: RunLayout) -> dict:
+    """The run's resolved plan as a dict ({} without one)."""
     if not layout.plan.is_file():
-        return []
+        return {}
     import yaml
 
     try:
-        with _fields_of(layout.plan):
-            return [s["name"] for s in (yaml.safe_load(layout.plan.read_text()) or {}).get("stages", [])]
+        plan = yaml.safe_load(layout.plan.read_text()) or {}
     except yaml.YAMLError as e:
         raise S2DError(f"{layout.plan}: damaged YAML ({e}): restore it, or re-run `s2d run PLAN`, which "
                        "writes it") from e
+    if not isinstance(plan, dict):
+        raise S2DError(f"{layout.plan}: damaged (not a mapping): restore it, or re-run `s2d run PLAN`, which writes it")
+    return plan
+
+
+def _plan_order(layout: RunLayout) -> list[str]:
+    """The stage names of the run's resolved plan, in plan order ([] without one)."""
+    with _fields_of(layout.plan):
+        return [s["name"] for s in _plan(layout).get("stages", [])]
 
 
 def collect(layout: RunLayout) -> dict:
@@ -89,13 +102,17 @@ def collect(layout: RunLayout) -> dict:
             init = lineage.get("parents", {}).get("init") or "base"
             row = {"route": name, "kind": lineage["kind"], "control": lineage.get("control"),
                    "labels_splits": lineage.get("labels_used_by_lineage", []), "labels_consumed": consumed,
-                   "model": model, "init": f"{model}_base" if init == "base" else init, "ledger": lineage["ledger"]}
+                   "model": model, "init": f"{model}_base" if init == "base" else init, "ledger": lineage["ledger"],
+                   "split": lineage.get("split"), "teacher": lineage.get("parents", {}).get("teacher")}
         with _fields_of(eval_path):
             row["evals"] = (ev or {}).get("results", {})
         rows.append(row)
     if not rows:
         raise S2DError(f"{layout.root}: nothing to report (no base_eval/ or stages/*/lineage.json yet)")
-    return {"rows": rows, "curves": curves, "paired": paired(rows)}
+    plan = _plan(layout)
+    with _fields_of(layout.plan):
+        beside = paper.paper_table(rows, plan) if paper.comparability(plan, rows) == "paper" else None
+    return {"rows": rows, "curves": curves, "paired": paired(rows), "plan": plan, "paper": beside}
 
 
 def contrasts(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -145,8 +162,9 @@ def paired(rows: list[dict]) -> list[dict]:
         for s, ea in by[a]["evals"].items():
             eb = by[b]["evals"].get(s)
             if not eb or "scores" not in ea or "scores" not in eb or ea.get("problems") != eb.get("problems") \
+                    or ea.get("grader", "math_verify") != eb.get("grader", "math_verify") \
                     or len(ea["scores"]) != len(eb["scores"]):
-                continue  # not the same problems: no paired comparison
+                continue  # not the same problems (or not the same grader): no paired comparison
             d = paired_difference(ea["scores"], eb["scores"])
             out.append({"a": a, "b": b, "set": s, "why": why, "diff": d.mean, "stderr": d.stderr,
                         "n_problems": d.n_problems})
@@ -163,13 +181,20 @@ def paired_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _graders(rows: list[dict], s: str) -> str:
+    """The grader(s) that scored eval set ``s`` (eval.json records it; results written before it did are math-verify's,
+    then the only grader)."""
+    return "/".join(sorted({r["evals"][s].get("grader", "math_verify") for r in rows if s in r["evals"]}))
+
+
 def table_markdown(data: dict) -> str:
     sets = []
     for r in data["rows"]:
         for s in r["evals"]:
             if s not in sets:
                 sets.append(s)
-    head = ["route", "kind", "control", *[f"{s} avg@k ± se" for s in sets], "labels (splits)", "labels used"]
+    head = ["route", "kind", "control", *[f"{s} avg@k ± se ({_graders(data['rows'], s)})" for s in sets],
+            "labels (splits)", "labels used"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in data["rows"]:
         cells = [r["route"], r["kind"], r["control"] or ""]
@@ -271,10 +296,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
     md = table_markdown(data)
     if data["paired"]:
         md += "\n\nPaired differences (same problems, same sampling seeds):\n\n" + paired_markdown(data)
+    beside = paper.paper_markdown(data["plan"], data["rows"], data["paper"])
+    if beside:
+        md += "\n\n" + beside
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(md + "\n")
-        (out / "report.json").write_text(json.dumps({"rows": data["rows"], "paired": data["paired"]}, indent=1))
+        (out / "report.json").write_text(json.dumps({"rows": data["rows"], "paired": data["paired"],
+                                                     "paper": data["paper"]}, indent=1))
         return md, plot(data, out)
     except OSError as e:
         raise S2DError(f"{out}: cannot write the report there ({e}): "

@@ -77,12 +77,13 @@ def run_base_eval(plan) -> None:
 def warm_reward_pool(plan, name: str, handler) -> bool:
     """Start the math-verify workers before the first step, for a stage whose loss grades samples against labels
     (``config.kinds.consumes_labels``: GRPO, OPD with a task reward); a stage that reads no labels starts none (its
-    evaluation, if any, starts them when it grades). Returns whether it started them."""
+    evaluation, if any, starts them when it grades), nor does a plan graded by ``hendrycks_boxed`` (graded in
+    process). Returns whether it started them."""
     from megatron_s2d.config.kinds import consumes_labels
     from megatron_s2d.rewards.pool import get_pool
 
     stage = next((s for s in plan.stages if s.name == name), None)
-    if stage is None or not consumes_labels(stage):
+    if stage is None or not consumes_labels(stage) or plan.grader != "math_verify":
         return False
     with handler.shield_children():  # reward workers must not die of the SIGUSR1 meant for us
         get_pool().warm_up(2)

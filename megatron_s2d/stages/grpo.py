@@ -47,7 +47,8 @@ def run(job) -> bool:
         # the engine's memory phases (rollout.colocation): trainer offloaded, engine woken and refit, then asleep
         generated = engine.generate(prompts.prompt_ids, job.sampling(prompts, n))
         samples = flatten(generated)
-        rewards, reward_metrics = sparse_rewards(samples, prompts.answers, n, job.assets.decode)
+        rewards, reward_metrics = sparse_rewards(samples, prompts.answers, n, job.assets.decode,
+                                                 grader=job.plan.grader)
         adv = grpo_advantages(rewards, n, scale_by_std=g.scale_by_std)
         batch = to_batch(samples, job.assets.pad_id)
         if g.overlong_filter:

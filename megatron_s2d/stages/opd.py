@@ -98,8 +98,8 @@ def run(job) -> bool:
         samples = flatten(generated)
         batch = to_batch(samples, job.assets.pad_id)
         old = policy.logprobs(batch, temp)
-        task_reward, reward_metrics = (sparse_rewards(samples, prompts.answers, n, job.assets.decode) if graded
-                                       else (None, {}))
+        task_reward, reward_metrics = (sparse_rewards(samples, prompts.answers, n, job.assets.decode,
+                                                      grader=job.plan.grader) if graded else (None, {}))
         batch, teacher_lp = mode.targets(teacher, batch.with_(old_logprobs=old), task_reward)
         train_metrics = policy.train(batch, loss, st.updates_per_step)
         engine.sync_weights(policy)  # lazy: the next generate refits (its metrics come back in generated.sync)

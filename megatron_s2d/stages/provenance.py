@@ -21,7 +21,7 @@ from typing import Any
 
 from megatron_s2d.config import PlanConfig, StageBase
 from megatron_s2d.config.fingerprint import (
-    describe_changes, fingerprint_digest, neutral_changes, result_changes, stage_fingerprint)
+    describe_changes, fingerprint_digest, neutral_changes, result_changes, stage_fingerprint, unrecorded)
 from megatron_s2d.config.validate import ancestors
 from megatron_s2d.errors import S2DError, read_json
 from megatron_s2d.stages.layout import RunLayout
@@ -73,12 +73,15 @@ def check_drift(plan: PlanConfig, stage: StageBase, recorded: Recorded) -> list[
             f"{describe_changes(changed)}. Either revert these settings, or redo the stage with "
             f"`s2d run PLAN --restart {stage.name}` (its folder and those of the stages that depend on it are set "
             f"aside under RUN/set_aside/, not deleted)")
-    return [(plan_field(stage, k), a, b) for k, a, b in neutral_changes(recorded.fields, now)]
+    missing = unrecorded(recorded.fields, now)
+    notes = [(plan_field(stage, k), "<not recorded>", now[k]) for k in missing]  # an older record: not compared
+    return [(plan_field(stage, k), a, b) for k, a, b in neutral_changes(recorded.fields, now)] + notes
 
 
 def plan_field(stage: StageBase, name: str) -> str:
     """A fingerprint field as the plan (and a dotted override) addresses it."""
-    return name if name == "seed" or name.startswith(("models.", "data.")) else f"stages.{stage.name}.{name}"
+    plan_level = name in ("seed", "grader") or name.startswith(("models.", "data."))
+    return name if plan_level else f"stages.{stage.name}.{name}"
 
 
 def record_neutral_changes(layout: RunLayout, stage: StageBase, changes: list, step: int, log=print) -> None:

@@ -12,12 +12,13 @@ from megatron_s2d.rewards import score_batch_with_stats
 from megatron_s2d.rollout.base import Sample, generation_metrics
 
 
-def sparse_rewards(samples: list[Sample], answers: list[str], n: int, decode) -> tuple[torch.Tensor, dict]:
-    """r in {0, 1} per sample by math-verify against its prompt's gold answer (samples prompt-major, ``n`` each):
-    this is where labels are consumed."""
+def sparse_rewards(samples: list[Sample], answers: list[str], n: int, decode, *,
+                   grader: str) -> tuple[torch.Tensor, dict]:
+    """r in {0, 1} per sample by the plan's ``grader`` (math-verify or the Hendrycks last box) against its prompt's
+    gold answer (samples prompt-major, ``n`` each): this is where labels are consumed."""
     texts = [decode(s.response_ids) for s in samples]
     golds = [a for a in answers for _ in range(n)]
-    res = score_batch_with_stats(texts, golds)
+    res = score_batch_with_stats(texts, golds, grader=grader)
     return torch.tensor(res.scores), {"reward_timeouts": float(res.stats.n_timeout),
                                       "reward_problems_per_s": res.stats.problems_per_s}
 

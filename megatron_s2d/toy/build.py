@@ -108,6 +108,19 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _data_digest(path: Path) -> str:
+    """sha256 of a shipped problem file as the build reads it: every row without its ``solution`` (re-serialised
+    exactly as ``problems.write_jsonl`` wrote rows before they carried one). The build reads prompts, answers and
+    levels; a solution is ``problems.solution_text`` of the row's own expression, so adding that field (for
+    ``teacher_sft``) changes no build: the shipped world keeps its config hash and bytes."""
+    h = hashlib.sha256()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        row.pop("solution", None)
+        h.update((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+    return h.hexdigest()
+
+
 def config_hash(seed: int, cfg: ToyBuildConfig) -> str:
     """Digest of everything that determines the build's output (seed, config, code version, shipped data)."""
     from megatron_s2d.data.prompts import DEFAULT_INSTRUCTION
@@ -115,7 +128,7 @@ def config_hash(seed: int, cfg: ToyBuildConfig) -> str:
     payload = {
         "version": BUILD_VERSION, "seed": seed, "config": cfg.to_dict(), "instruction": DEFAULT_INSTRUCTION,
         "chat_template": toy_tok.CHAT_TEMPLATE, "max_vocab": toy_tok.MAX_VOCAB_SIZE,
-        "data": {s: _file_digest(problems.shipped_path(s)) for s in problems.SHIPPED_SIZES},
+        "data": {s: _data_digest(problems.shipped_path(s)) for s in problems.SHIPPED_SIZES},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -10,8 +10,9 @@ Five difficulty levels (stored as `meta["level"]` / the `level` column):
 | 4 | two steps: a + b * c, (a + b) * c, a * b - c | Evaluate 12 + 7 * 8. |
 | 5 | three steps: 2-digit * 2-digit, a * b + c * d | What is 47 * 23? |
 
-Rows are stored in the project's normalised schema {id, prompt, answer, source, meta: {"level": L}}.
-Every problem has a worked solution (`solution_text`) in the response format the toy models are pre-trained on:
+Rows are stored in the project's normalised schema {id, prompt, answer, source, meta: {"level": L}, solution}.
+Every problem has a worked solution (`solution_text`, the row's `solution`: what ``teacher_sft`` with
+``sft.source: solutions`` trains on) in the response format the toy models are pre-trained on:
 "37 + 48 = 85. The answer is \\boxed{85}." (multi-step levels write each intermediate step first). Answers are
 non-negative integers written as strings.
 
@@ -195,7 +196,7 @@ def generate(n: int, seed: int, split: str, exclude: Iterable[str] = (),
     items = _unique_items(rng, plan, set(exclude), split)
     return [
         Problem(id=f"toy-{split}-{i:05d}", prompt=render_prompt(it, rng), answer=str(it.answer), source=SOURCE,
-                meta={"level": it.level})
+                meta={"level": it.level}, solution=solution_text(it))
         for i, it in enumerate(items)
     ]
 
@@ -232,7 +233,8 @@ def pretrain_items(n: int, seed: int, exclude: Iterable[str], level_weights: Seq
 
 
 def problem_to_row(p: Problem) -> dict:
-    """The project's normalised row ({id, prompt, answer, source, meta}, what `data` loads as schema "s2d")."""
+    """The project's normalised row ({id, prompt, answer, source, meta, solution}, what `data` loads as schema
+    "s2d")."""
     return p.to_dict()
 
 
@@ -244,7 +246,7 @@ def row_to_problem(row: dict, where: str) -> Problem:
     if missing or level is None:
         raise S2DError(f"{where}: toy row is missing field(s) {missing + ([] if level is not None else ['level'])}")
     return Problem(id=str(row["id"]), prompt=str(row["prompt"]), answer=str(row["answer"]), source=str(row["source"]),
-                   meta={"level": int(level)})
+                   meta={"level": int(level)}, solution=row.get("solution"))
 
 
 def write_jsonl(path: Path, problems: Iterable[Problem]) -> None:

@@ -33,6 +33,7 @@ COVERED = {
     "s2d convert megatron-to-hf": "test_convert_verify_export_eval_through_console_script",
     "s2d convert verify": "test_convert_verify_export_eval_through_console_script",
     "s2d eval": "test_convert_verify_export_eval_through_console_script",
+    "s2d eval --model release/ --data math500 --k 16 --grader both": "test_eval_grader_both_through_console_script",
     "s2d report": "tests/functional/test_pipeline_cli.py::test_plan_end_to_end_lineage_report_and_rerun",
     "s2d status": "tests/functional/test_cli_front_door.py::test_status_reads_the_run_folder_only",
     "s2d run PLAN.yaml --print-plan":
@@ -126,7 +127,7 @@ def test_convert_verify_export_eval_through_console_script(mini_world, tmp_path)
     out = tmp_path / "eval.json"
     proc = s2d("eval", "--model", release, "--data", math500, "--data", aime24, "--data", aime25, "--k", "2",
                "--max-new-tokens", "8", "--out", out)
-    assert "| data | avg@2 |" in proc.stdout
+    assert "| data | grader | avg@2 |" in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr[-2000:]  # quiet by default, like `s2d run`
     res = json.loads(out.read_text())["results"]
     assert set(res) == {str(math500), str(aime24), str(aime25)}
@@ -135,6 +136,32 @@ def test_convert_verify_export_eval_through_console_script(mini_world, tmp_path)
     # bad input is a clear error with exit code 2, naming the file, and nothing is written
     bad = s2d("convert", "hf-to-megatron", "--hf", tmp_path / "missing", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "missing" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_eval_grader_both_through_console_script(mini_world, tmp_path):
+    """``s2d eval --grader both``: every sample graded by math-verify and by lm-eval's Hendrycks last box; the table
+    has a row per grader, the agreement line is printed, and the JSON records the graders and their agreement."""
+    math500 = _eval_sets(tmp_path)[0]
+    out = tmp_path / "eval.json"
+    proc = s2d("eval", "--model", mini_world / "teacher", "--data", math500, "--k", "2", "--max-new-tokens", "8",
+               "--grader", "both", "--out", out)
+    assert f"| {math500} | math_verify |" in proc.stdout and f"| {math500} | hendrycks_boxed |" in proc.stdout
+    assert re.search(rf"{re.escape(str(math500))}: graders agree on [0-9.]+% of 6 samples \(correct only by "
+                     r"math_verify: \d+, only by hendrycks_boxed: \d+\)", proc.stdout), proc.stdout[-2000:]
+    r = json.loads(out.read_text())["results"][str(math500)]
+    assert r["grader"] == "math_verify" and set(r["by_grader"]) == {"math_verify", "hendrycks_boxed"}
+    a = r["agreement"]
+    only = a["correct_only_by"]
+    assert a["n_samples"] == 6 and a["agreement_rate"] == pytest.approx(1 - (only["math_verify"] + only[
+        "hendrycks_boxed"]) / 6)
+    # the two graders' avg@k differ by exactly the disagreements
+    diff = (r["by_grader"]["math_verify"]["avg"] - r["by_grader"]["hendrycks_boxed"]["avg"]) * 6
+    assert diff == pytest.approx(only["math_verify"] - only["hendrycks_boxed"])
+    # the plan's grader alone: recorded, one row
+    proc = s2d("eval", "--model", mini_world / "teacher", "--data", math500, "--k", "2", "--max-new-tokens", "8",
+               "--grader", "hendrycks_boxed", "--out", out)
+    assert "agree" not in proc.stdout and json.loads(out.read_text())["results"][str(math500)]["grader"] == \
+        "hendrycks_boxed"
 
 
 def test_readme_plan_override_syntax_is_accepted(tmp_path):

@@ -86,3 +86,19 @@ def test_pass_at_k_mean_and_relation_to_avg():
         pass_at_k(correct, 5)
     with pytest.raises(S2DError, match="0 or 1"):
         pass_at_k([[0.5, 1]], 1)
+
+
+def test_grader_agreement_counts_each_direction():
+    from megatron_s2d.eval.metrics import grader_agreement
+
+    a = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    b = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    ag = grader_agreement("math_verify", a, "hendrycks_boxed", b)
+    assert (ag.n_samples, ag.n_agree, ag.only_a, ag.only_b) == (6, 3, 2, 1)
+    assert ag.rate == 0.5
+    assert ag.as_dict() == {"graders": ["math_verify", "hendrycks_boxed"], "n_samples": 6, "agreement_rate": 0.5,
+                            "correct_only_by": {"math_verify": 2, "hendrycks_boxed": 1}}
+    assert "agree on 50.0% of 6 samples" in str(ag)
+    assert math.isnan(grader_agreement("a", [], "b", []).rate)
+    with pytest.raises(S2DError, match="equally long"):
+        grader_agreement("a", [1.0], "b", [1.0, 0.0])

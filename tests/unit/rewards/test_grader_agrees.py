@@ -2,7 +2,9 @@
 row checked against our reward AND against math-verify's own parse + verify run here in-process with the same
 extraction configs. Before the reward let math-verify extract, it disagreed on the rows marked ``# was ...``
 (checked by running the previous extractor on this table).
-Also: the reward works from a script that has no ``if __name__ == "__main__":`` guard."""
+Also: where lm-eval's Hendrycks last-box grader (the plan's other ``grader``) differs from math-verify on the same
+table, listed row by row, and the agreement statistics of the two. And the reward works from a script that has no
+``if __name__ == "__main__":`` guard."""
 
 import subprocess
 import sys
@@ -81,6 +83,54 @@ def test_table_matches_expected_and_math_verify():
     assert not wrong, f"(gold, response, expected, got): {wrong}"
     disagree = [(g, r) for (g, r, e) in TABLE if _math_verify_itself(g, r) != e]
     assert not disagree, f"rows where math-verify itself grades otherwise: {disagree}"
+
+
+# Where lm-eval's Hendrycks last-box grader (``grader: hendrycks_boxed``) differs from math-verify on TABLE, by the
+# row's (gold, response); every other row they grade alike. The value is the Hendrycks verdict.
+HENDRYCKS_DIFFERS = {
+    # it reads only the last box (math-verify: all boxes together, as a set)
+    ("5", "First \\boxed{3}, then correcting myself: \\boxed{5}."): 1.0,
+    ("3, 5", "So x = 3 or x = 5, giving \\boxed{3} and \\boxed{5}."): 0.0,
+    ("5, 3", "The roots are \\boxed{3} and \\boxed{5}."): 0.0,
+    ("\\boxed{1}\\boxed{2}", "So \\boxed{2} and \\boxed{1}."): 0.0,
+    # no box, no answer (math-verify reads "final answer is $X$", the last LaTeX expression, the last number)
+    ("5", "Final Answer: The final answer is $5$. I hope it is correct."): 0.0,
+    ("\\frac{1}{2}", "The probability is $\\frac{1}{2}$."): 0.0,
+    ("\\frac{1}{2}", "Therefore\n\\[ p = \\frac{1}{2} \\]"): 0.0,
+    ("(1, 2]", "The solution set is $x \\in (1, 2]$."): 0.0,
+    ("-7", "The answer is -7."): 0.0,
+    ("12", "So the total is\n12"): 0.0,
+    ("\\frac{\\sqrt{3}}{2}", "Thus $\\cos 30^\\circ = \\frac{\\sqrt{3}}{2}$."): 0.0,
+    # strings, not values: no arithmetic, no reordering, no sets, no leading-zero or surd simplification
+    ("0.75", "\\boxed{\\frac{3}{4}}"): 0.0,
+    ("\\{1,2\\}", "\\boxed{\\{2, 1\\}}"): 0.0,
+    ("1, 2", "\\boxed{2, 1}"): 0.0,
+    ("x=1 \\text{ or } x=2", "\\boxed{2, 1}"): 0.0,
+    ("\\boxed{1}\\boxed{2}", "\\boxed{1,2}"): 0.0,
+    ("\\boxed{2}, \\boxed{3}, \\boxed{5}", "The primes are \\boxed{2, 3, 5}."): 0.0,
+    ("\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)", "\\boxed{-2, 1}"): 0.0,
+    ("2\\sqrt{2}", "\\boxed{\\sqrt{8}}"): 0.0,
+    ("42", "\\boxed{042}"): 0.0,
+}
+
+
+def test_hendrycks_agreement_with_math_verify_on_the_table():
+    """Both graders over TABLE through the reward's batch path: they disagree exactly on HENDRYCKS_DIFFERS, and the
+    agreement statistics ``s2d eval --grader both`` reports are the counts of that list."""
+    from megatron_s2d.eval.metrics import grader_agreement
+
+    golds, responses, expected = zip(*TABLE)
+    mv = score_batch_with_stats(list(responses), list(golds), timeout_s=5.0).scores
+    hb = score_batch_with_stats(list(responses), list(golds), grader="hendrycks_boxed").scores
+    assert mv == list(expected)
+    assert len(TABLE) >= 33 and set(HENDRYCKS_DIFFERS) <= {(g, r) for g, r, _ in TABLE}
+    got = {(g, r): h for (g, r, _), h, m in zip(TABLE, hb, mv) if h != m}
+    assert got == HENDRYCKS_DIFFERS
+    agree = grader_agreement("math_verify", mv, "hendrycks_boxed", hb)
+    only_hb = sum(1 for v in HENDRYCKS_DIFFERS.values() if v == 1.0)
+    assert (agree.n_samples, agree.n_agree) == (len(TABLE), len(TABLE) - len(HENDRYCKS_DIFFERS))
+    assert (agree.only_a, agree.only_b) == (len(HENDRYCKS_DIFFERS) - only_hb, only_hb)
+    assert agree.rate == pytest.approx(1 - len(HENDRYCKS_DIFFERS) / len(TABLE))  # 20 of the 40 rows today
 
 
 SCRIPT = """

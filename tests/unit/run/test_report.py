@@ -84,6 +84,18 @@ def test_no_pairing_across_different_problems(run):
     assert not [p for p in collect(run)["paired"] if "cold_grpo" in (p["a"], p["b"])]
 
 
+def test_the_grader_is_in_the_header_and_no_pairing_across_graders(run):
+    """eval.json records its grader; one written before it did was math-verify's. Two routes scored by different
+    graders are not paired (a grader change would show up as a difference)."""
+    assert "| toy-test avg@k ± se (math_verify) |" in write_report(run.root)[0]
+    d = run.stage("cold_grpo")
+    ev = _ev([0.25, 0.0, 0.25, 0.0])
+    ev["toy-test"]["grader"] = "hendrycks_boxed"
+    (d / "eval.json").write_text(json.dumps({"results": ev}))
+    assert not [p for p in collect(run)["paired"] if "cold_grpo" in (p["a"], p["b"])]
+    assert "| toy-test avg@k ± se (hendrycks_boxed/math_verify) |" in write_report(run.root)[0]
+
+
 def test_report_files(run):
     md, plots = write_report(run.root)
     assert "| student_rl − opd | toy-test | +" in md and "z |" in md

@@ -30,3 +30,10 @@ def test_no_workers_for_stages_that_read_no_labels(plan):
 def test_workers_ready_for_stages_that_grade(plan, name):
     assert warm_reward_pool(plan, name, PreemptionHandler())
     assert get_pool().size == 2 and get_pool().n_started == 2
+
+
+def test_no_workers_when_the_plan_grades_with_hendrycks(plan):
+    """``grader: hendrycks_boxed`` grades in process: even a GRPO stage starts no math-verify worker."""
+    plan.grader = "hendrycks_boxed"
+    assert not warm_reward_pool(plan, "teacher_rl", PreemptionHandler())
+    assert get_pool().size == 0 and get_pool().n_started == 0

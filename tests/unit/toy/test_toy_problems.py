@@ -33,8 +33,43 @@ def test_shipped_files_equal_generator_output(tmp_path):
 
 def test_rows_use_project_schema():
     row = json.loads(P.shipped_path("test").read_text().splitlines()[0])
-    assert set(row) == {"id", "prompt", "answer", "source", "meta"}
+    assert set(row) == {"id", "prompt", "answer", "source", "meta", "solution"}
     assert row["source"] == P.SOURCE and row["meta"]["level"] in P.LEVELS
+
+
+def test_every_shipped_row_carries_its_worked_solution():
+    """teacher_sft (sft.source: solutions) trains on the rows' `solution`: the worked response the toy models are
+    pre-trained on, ending in the row's own answer; the s2d loader keeps it."""
+    from megatron_s2d.data.sources import load_problems
+
+    for split in P.SHIPPED_SIZES:
+        loaded = load_problems(f"toy-{split}").problems
+        assert len(loaded) == P.SHIPPED_SIZES[split]
+        for p in loaded:
+            steps, tail = p.solution.split(". The answer is ")
+            assert tail == f"\\boxed{{{p.answer}}}.", p
+            for step in steps.split(". "):  # "a op b = c", each one right, the last one the answer
+                lhs, rhs = step.split(" = ")
+                assert eval(lhs) == int(rhs), p  # noqa: S307 (digits and + - * only)
+            assert rhs == p.answer
+
+
+def test_adding_solutions_keeps_the_shipped_world_and_its_config_hash():
+    """The build reads prompts, answers and levels: its data digest is of the rows without `solution`, which is the
+    digest of the files as shipped before they carried one, so the shipped world (and `python -m
+    megatron_s2d.toy.build`'s cache key) is unchanged."""
+    import hashlib
+
+    from megatron_s2d.toy import build as B
+
+    for split in P.SHIPPED_SIZES:
+        rows = [json.loads(line) for line in P.shipped_path(split).read_text().splitlines()]
+        bare = "".join(json.dumps({k: v for k, v in r.items() if k != "solution"}, ensure_ascii=False) + "\n"
+                       for r in rows)
+        assert B._data_digest(P.shipped_path(split)) == hashlib.sha256(bare.encode()).hexdigest()
+    assert B._data_digest(P.shipped_path("train")) == \
+        "53b83dc21ae1d9287217c960a273c3d3cc3fc5955e593eea74fd969299733b04"  # the file as shipped before solutions
+    assert B.shipped_world(0)[0] is not None
 
 
 def test_answers_levels_and_solutions_are_correct():
