@@ -335,6 +335,21 @@ def _job_processes() -> list:
     return procs
 
 
+def _job_trees() -> list:
+    """The job's processes with everything they started: each child of this launcher that runs the stage entry
+    (directly, or torchrun's agent with it as its script), and their descendants (ranks, reward workers, vLLM)."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=False):
+        try:
+            if "megatron_s2d.stages.entry" in " ".join(child.cmdline()):
+                out += [child] + child.children(recursive=True)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
 def _say(text: str) -> None:
     """Write from a signal handler: straight to the terminal's file descriptor (the console filter's lock may be
     held by the thread the signal interrupted)."""
@@ -355,7 +370,7 @@ class StopRequest:
         if self.signum is not None:
             self.killed = True
             _say(f"[s2d] {signal.Signals(signum).name} again: killing job {self.job_name!r} without a checkpoint")
-            for p in psutil.Process().children(recursive=True):
+            for p in _job_trees():
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.kill()
             return

@@ -79,6 +79,18 @@ def offloaded(trainer: "TrainerMemory | None", trace: list[str] | None = None) -
         note(trace, "restore")
 
 
+@contextlib.contextmanager
+def _storage_api() -> Iterator[None]:
+    """megatron-core 0.16.1 frees and reallocates grad buffers through ``Tensor.storage().resize_()``
+    (distributed/param_and_grad_buffer.py:968-970), which torch warns is deprecated on every call; the warning is megatron's,
+    not something a user can act on, so it is not shown (it named our CPU shim's frame on the console)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+        yield
+
+
 def _optimizers(optimizer) -> list:
     """The megatron optimizers inside ``optimizer`` (a ``ChainedOptimizer`` holds one per param-group kind)."""
     if optimizer is None:
@@ -104,7 +116,8 @@ class TrainerMemory:
             raise InternalError("TrainerMemory.offload: already offloaded (phases must not nest)")
         cuda = torch.cuda.is_available()
         # torch.cuda.synchronize() raises without CUDA: megatron's default (synchronize=True) is GPU-only
-        self.ddp.offload_grad_buffers(synchronize=cuda, empty_cache=False)
+        with _storage_api():
+            self.ddp.offload_grad_buffers(synchronize=cuda, empty_cache=False)
         for opt in _optimizers(self.optimizer):
             self._offload_optimizer(opt)
         self.offloaded = True
@@ -118,7 +131,8 @@ class TrainerMemory:
             else:
                 holder[key] = holder[key].to(dev)
         self._moved.clear()
-        self.ddp.restore_grad_buffers(synchronize=torch.cuda.is_available())  # zeroes the buffers
+        with _storage_api():
+            self.ddp.restore_grad_buffers(synchronize=torch.cuda.is_available())  # zeroes the buffers
         self.offloaded = False
 
     def _offload_optimizer(self, opt) -> None:

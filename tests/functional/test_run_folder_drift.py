@@ -134,8 +134,8 @@ def test_dry_run_and_refused_run_leave_the_plan(mini_world, tmp_path):
     assert not (run / "stages").exists() and not (run / "models").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_stopping_the_launcher_stops_the_job(mini_world, tmp_path, sig):
+def test_stopping_the_launcher_stops_the_job(mini_world, tmp_path, sig=signal.SIGINT):
+    """Ctrl-C end to end (SIGTERM and SIGHUP take the same handler: tests/unit/launch/test_stop_request.py)."""
     run, plan = _plan(mini_world, tmp_path)
     proc = subprocess.Popen([s2d_console_script(), "run", str(plan), "--stages", "teacher_rl",
                              "stages.teacher_rl.steps=200"], cwd=ROOT, stdout=subprocess.PIPE,
