@@ -316,6 +316,7 @@ class EvalConfig:
     k: int = 16  # samples per problem for avg@k
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off (the authors' public eval uses 20, Qwen3's recommended setting)
     max_new_tokens: int = 8192
     engine: Literal["megatron", "vllm"] = "megatron"
     include_base: bool = True  # also evaluate the base teacher and student

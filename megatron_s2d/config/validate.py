@@ -371,6 +371,9 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
             raise S2DError(f"{where}: {name} = {value} must be >= 1" + (" (or null: all)" if "limit" in name else ""))
     if plan.eval.k < 1 or plan.eval.max_new_tokens < 1 or plan.eval.temperature < 0:
         raise S2DError(f"{where}: eval: k and max_new_tokens must be >= 1 and temperature >= 0")
+    if not 0 < plan.eval.top_p <= 1 or plan.eval.top_k < 0:
+        raise S2DError(f"{where}: eval: top_p = {plan.eval.top_p} must be in (0, 1] and top_k = {plan.eval.top_k} "
+                       ">= 0 (0: off)")
     _check_generations(plan, where)
     errors = layout_errors(plan)
     if errors:

@@ -79,6 +79,7 @@ class Evaluator:
     instruction: str | None
     seed: int
     graders: tuple[str, ...]  # graders[0] scores avg@k; a second one is compared with it (``rewards.GRADERS``)
+    top_k: int = 0  # 0: off
 
     def __post_init__(self):
         if not 1 <= len(self.graders) <= 2 or len(set(self.graders)) != len(self.graders) \
@@ -101,7 +102,7 @@ class Evaluator:
             for idx in mine:
                 prompts = [encode_prompt(tokenizer, problems[i], self.instruction) for i in idx]
                 key = f"{self.seed}:{name}:{idx[0]}".encode()
-                params = SamplingParams(n=self.k, temperature=self.temperature, top_p=self.top_p,
+                params = SamplingParams(n=self.k, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                         max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(stop_ids),
                                         seed=int.from_bytes(hashlib.sha256(key).digest()[:4], "little"))
                 res = engine.generate(prompts, params)
@@ -123,7 +124,7 @@ class Evaluator:
             out[name] = {"avg": res.mean, "stderr": res.stderr, "n_problems": res.n_problems, "k": res.k,
                          "scores": [sum(c) / len(c) for c in per_problem], "problems": problems_digest(problems),
                          "wall_s": time.perf_counter() - t0,
-                         "sampling": {"temperature": self.temperature, "top_p": self.top_p,
+                         "sampling": {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                                       "max_new_tokens": self.max_new_tokens, "k": self.k, "seed": self.seed},
                          "grader": self.graders[0]}
             if len(self.graders) == 2:

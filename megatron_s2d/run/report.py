@@ -187,6 +187,16 @@ def _graders(rows: list[dict], s: str) -> str:
     return "/".join(sorted({r["evals"][s].get("grader", "math_verify") for r in rows if s in r["evals"]}))
 
 
+def eval_settings(plan: dict) -> str:
+    """One line: the plan's evaluation sampling and grader (a setting the plan's file predates: not shown)."""
+    ev = plan.get("eval") or {}
+    keys = [k for k in ("k", "temperature", "top_p", "top_k", "max_new_tokens") if k in ev]
+    if not keys:
+        return "Evaluation settings: not recorded (the run folder has no plan.resolved.yaml)."
+    return ("Evaluation (from the plan): " + ", ".join(f"{k} {ev[k]}" for k in keys)
+            + f", grader {plan.get('grader', 'math_verify')}.")
+
+
 def table_markdown(data: dict) -> str:
     sets = []
     for r in data["rows"]:
@@ -293,7 +303,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
     layout = RunLayout.of(run_dir)
     out = Path(out_dir).resolve() if out_dir is not None else layout.report
     data = collect(layout)
-    md = table_markdown(data)
+    md = table_markdown(data) + "\n\n" + eval_settings(data["plan"])
     if data["paired"]:
         md += "\n\nPaired differences (same problems, same sampling seeds):\n\n" + paired_markdown(data)
     beside = paper.paper_markdown(data["plan"], data["rows"], data["paper"])

@@ -47,7 +47,7 @@ def plan_evaluator(plan: PlanConfig, log=print) -> Evaluator:
     sets = [(e.name, load_source(e.source, e.limit, log=log)) for e in plan.data.eval]
     return Evaluator(sets=sets, k=ev.k, temperature=ev.temperature, top_p=ev.top_p,
                      max_new_tokens=ev.max_new_tokens, instruction=plan.data.instruction, seed=plan.seed,
-                     graders=(plan.grader,))
+                     graders=(plan.grader,), top_k=ev.top_k)
 
 
 def trainable_policy(arch, model_cfg, stage, seed: int):

@@ -48,7 +48,8 @@ def test_gpu_recipes_use_real_model_sizes(tmp_path):
     assert round(opd.params["teacher"] / 1e9, 2) == 70.55 and round(opd.params["student"] / 1e9, 2) == 8.03
 
 
-GPU_RECIPES = ["qwen3_8b_to_1.7b.yaml", "qwen3_14b_to_1.7b.yaml", "llama3.3_70b_to_llama3.1_8b.yaml"]
+# every shipped GPU plan: the teacher -> student recipes, Table 2's size ladder (grpo_qwen3_*), the same-size route
+GPU_RECIPES = [p.name for p in RECIPES if not p.name.startswith("toy_")]
 
 
 def _rows(out: str) -> dict[str, dict[str, str]]:
@@ -75,7 +76,9 @@ def test_gpu_recipes_fit_in_both_phases(recipe, tmp_path):
                f"launch.slurm.job_dir={tmp_path / 'jobs'}", timeout=300)
     assert "dry run OK" in proc.stdout and "!" not in proc.stdout.split("(memory in GiB")[0]
     rows = _rows(proc.stdout)
-    budget = float(rows["teacher_rl"]["budget"])
+    assert set(rows) == {"base_eval", "report"} | {s.name for s in load_plan(REPO_ROOT / "run_configs" / recipe,
+                                                                             [f"run_dir={tmp_path}"]).stages}
+    budget = float(next(iter(rows.values()))["budget"])
     assert budget == 79  # base_gpu.yaml: an H100 80 GB as CUDA reports it
     for job, row in rows.items():
         if job == "report":

@@ -140,3 +140,15 @@ def test_a_damaged_file_is_named(run, stage, file, text, match):
     path.write_text(text)
     with pytest.raises(S2DError, match=rf"^{path}: {match}.*s2d run PLAN --restart STAGE"):
         collect(run)
+
+
+def test_the_report_states_the_plans_eval_settings(run):
+    import yaml
+
+    md, _ = write_report(run.root)
+    assert "Evaluation settings: not recorded (the run folder has no plan.resolved.yaml)." in md
+    run.plan.write_text(yaml.safe_dump({"grader": "hendrycks_boxed", "eval": {
+        "k": 16, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 16384, "engine": "megatron"}}))
+    md, _ = write_report(run.root)
+    assert ("Evaluation (from the plan): k 16, temperature 0.7, top_p 0.8, top_k 20, max_new_tokens 16384, grader "
+            "hendrycks_boxed.") in md
