@@ -86,8 +86,10 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
         clear_cache()  # groups of an earlier world in this process are gone with it
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # a bare single process: its own free port, always. An inherited MASTER_PORT is the parent's (a test
+            # process or notebook that initialised a world of its own, whose store still listens there), and
+            # reusing it fails with EADDRINUSE
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT=str(_free_port()))
         kwargs = {}
         if cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))

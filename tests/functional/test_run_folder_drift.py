@@ -33,6 +33,12 @@ TWO = [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H", "eval": False
         "warmup": {"topk": 4, "teacher_samples_per_prompt": 2}}]
 
 
+def _bare_env() -> dict:
+    """The environment of a stage entry started by hand: one process, no torchrun variables (it picks its own port)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+
 def _plan(mini_world, tmp_path, **extra):
     run = tmp_path / "run"
     return run, write_plan(tmp_path / "plan.yaml", mini_plan(mini_world, run, TWO,
@@ -70,16 +76,14 @@ def test_drift_is_refused_and_restart_sets_aside(mini_world, tmp_path):
     (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))
     job = subprocess.run([sys.executable, "-m", "megatron_s2d.stages.entry", "--plan", str(tmp_path / "edited.yaml"),
                           "--stage", "fkl"], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0",
-                                  WORLD_SIZE="1", LOCAL_RANK="0"))
+                         env=_bare_env())
     assert job.returncode == 2, job.stdout + job.stderr
     assert "stages.fkl.optim.lr: 0.001 -> 0.5" in job.stderr
     next(s for s in edited["stages"] if s["name"] == "teacher_rl")["steps"] = 5
     (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))
     job = subprocess.run([sys.executable, "-m", "megatron_s2d.stages.entry", "--plan", str(tmp_path / "edited.yaml"),
                           "--stage", "teacher_rl"], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29562", RANK="0",
-                                  WORLD_SIZE="1", LOCAL_RANK="0"))
+                         env=_bare_env())
     assert job.returncode == 2 and "stages.teacher_rl.steps: 2 -> 5" in job.stderr, job.stdout + job.stderr
 
     # --restart: teacher_rl and its descendant fkl are set aside (kept), then redone with the new settings

@@ -122,7 +122,7 @@ def test_slurm_chain_with_preemption_requeue(tmp_path, job_dir, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     plan_d = {"name": "s2dslurm", "run_dir": str(run_dir), "toy_world": True, "models": {"teacher": {}, "student": {}},
-              "eval": {"include_base": False}, "data": {"max_prompt_tokens": 128},  # toy context: 256 positions
+              "eval": {"include_base": False, "max_new_tokens": 16}, "data": {"max_prompt_tokens": 128},  # toy context: 256
               "stage_defaults": {"micro_batch_tokens": 256, "rollout": {"max_new_tokens": 16}},
               "stages": [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H"},
                          {"name": "fkl_warmup", "kind": "fkl_warmup", "teacher": "teacher_rl", "split": "1H"}],
