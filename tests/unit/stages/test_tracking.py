@@ -4,6 +4,7 @@ actionable error; a tracker that fails mid-stage is switched off, not fatal."""
 
 import importlib.util
 import json
+import time
 import struct
 import zlib
 from pathlib import Path
@@ -113,7 +114,14 @@ def test_wandb_offline_run_grouped_per_plan_run(tmp_path, monkeypatch):
     run_id = (tmp_path / "stages" / "t_rl" / "wandb_run_id").read_text().strip()
     files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 1, sorted(p.name for p in (tmp_path / "wandb").iterdir())
+    # wandb's offline service (wandb-core, a process of its own) can still be appending records when finish()
+    # returns on a loaded machine: read until the run record and the three steps are there (at most 60 s)
+    deadline = time.monotonic() + 60
     run, history = _wandb_history(files[0])
+    while (run is None or len(history) < 3) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run, history = _wandb_history(files[0])
+    assert run is not None, f"{files[0]}: no run record"
     assert run.run_group == wandb_group("t", tmp_path.resolve()) and run.run_group.startswith("t-")
     assert (run.display_name, run.job_type, run.project) == ("t_rl", "teacher_rl", "s2d-test")
     assert sorted(history) == [1, 2, 3]
