@@ -143,29 +143,34 @@ def test_bad_plans_fail_before_anything_runs(mini_world, tmp_path):
 
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one(mini_world, tmp_path):
     """A truncated .distcp in the newest checkpoint of an unfinished stage (and, second round, a missing file):
-    the re-run names the file and resumes from the previous complete checkpoint instead of dying in an EOFError."""
-    stages = [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H", "steps": 2, "save_every": 1,
-               "keep_checkpoints": 3, "eval": False}]
+    the re-run names the file and resumes from the previous complete checkpoint instead of dying in an EOFError.
+    The stage is made unfinished by taking away its end (COMPLETE, lineage, the last checkpoint), as a stage stopped
+    after step 3 would be; the plan stays the same (a changed one is refused: test_run_folder_drift.py)."""
+    import shutil
+
+    stages = [{"name": "teacher_rl", "kind": "teacher_rl", "split": "1H", "steps": 4, "save_every": 1,
+               "keep_checkpoints": 4, "eval": False}]
     run = tmp_path / "run"
     plan = write_plan(tmp_path / "plan.yaml", mini_plan(mini_world, run, stages, eval={"k": 2, "include_base": False}))
     s2d("run", plan)
     ckpts = run / "stages" / "teacher_rl" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_000001", "step_000002"]
-    for damage, steps in (("truncate", 3), ("delete", 4)):
-        for f in ("COMPLETE", "lineage.json"):  # the stage is unfinished again (it now runs more steps)
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [f"step_{k:06d}" for k in (1, 2, 3, 4)]
+    for damage in ("truncate", "delete"):
+        for f in ("COMPLETE", "lineage.json"):
             (run / "stages" / "teacher_rl" / f).unlink()
-        newest = sorted(p for p in ckpts.iterdir() if p.is_dir())[-1]
+        shutil.rmtree(ckpts / "step_000004")
+        (ckpts / "latest").write_text("step_000003\n")
+        newest = ckpts / "step_000003"
         victim = sorted((newest / "model").glob("*.distcp"))[0]
         if damage == "truncate":
             victim.write_bytes(victim.read_bytes()[:100])
         else:
             victim.unlink()
-        proc = s2d("run", plan, f"stages.teacher_rl.steps={steps}")
-        previous = f"step_{int(newest.name[-6:]) - 1:06d}"
+        proc = s2d("run", plan)
         assert f"checkpoint {newest} is damaged" in proc.stdout and victim.name in proc.stdout
-        assert f"resumed from {ckpts / previous} at step {int(previous[-6:])}" in proc.stdout
+        assert f"resumed from {ckpts / 'step_000002'} at step 2" in proc.stdout
         final = Path(json.loads((run / "stages" / "teacher_rl" / "lineage.json").read_text())["final_checkpoint"])
-        assert final.name == f"step_{steps:06d}"
+        assert final.name == "step_000004"
 
 
 def test_second_launcher_on_the_same_run_folder_is_refused(mini_world, tmp_path):
