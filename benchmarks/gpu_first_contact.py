@@ -171,13 +171,16 @@ def _policy(arch, init, device, *, dtype: str, use_te: str, fp8=None, pack=False
             micro_batch_tokens: int = 4096):
     from megatron_s2d.checkpoint.model_ckpt import load_hf_state
     from megatron_s2d.config import ModelConfig, OptimConfig
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
 
-    pol = MegatronPolicy(arch, ModelConfig(use_te=use_te, dtype=dtype, fp8=fp8, pack_sequences=pack),
-                         OptimConfig(lr=lr, adam_eps=1e-8, grad_clip=0.0, warmup_updates=0),
-                         micro_batch_tokens=micro_batch_tokens)
+    model = MegatronModel(arch, ModelConfig(use_te=use_te, dtype=dtype, fp8=fp8, pack_sequences=pack),
+                          micro_batch_tokens=micro_batch_tokens)
+    pol = TrainablePolicy(model,
+                          OptimConfig(lr=lr, adam_eps=1e-8, grad_clip=0.0, warmup_updates=0))
     if init is not None:
         load_hf_state(pol.module, arch, lambda k: init[k].to(device))
+        pol.weights_changed()  # bf16: the optimizer's fp32 main params copy the loaded weights
     return pol
 
 

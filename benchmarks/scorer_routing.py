@@ -51,7 +51,7 @@ def main() -> None:
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
     from megatron_s2d.policy import scorer as S
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.runtime.groups import model_groups
     from megatron_s2d.checkpoint.model_ckpt import load_hf_state
@@ -92,7 +92,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for name, tp in (("same_layout_tp1", 1), (f"own_layout_tp{args.teacher_tp}", args.teacher_tp)):
         groups = model_groups(tp, 1)
-        model = MegatronPolicy(arch, ModelConfig(tp=tp, dtype=dtype), optim=None, groups=groups, initialize=False)
+        model = MegatronModel(arch, ModelConfig(tp=tp, dtype=dtype), groups=groups, initialize=False)
         weights = {}
 
         def read(k):  # identical full weights on every rank (seeded), generated lazily per tensor
@@ -101,7 +101,7 @@ def main() -> None:
             return weights[k]
 
         load_hf_state(model.module, arch, read)
-        scorer = S.FrozenScorer(model, rank)
+        scorer = model if groups.is_global else S.RoutedScorer(model, rank)
         obj = O.logprob_values(scorer.tp_group, 1.0)
         scorer.forward_values(batch, obj, args.seq * 4)  # warm-up
         sync()

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                       # CPU: tiny model, so the script never rots
     python benchmarks/train_step.py --preset llama8b --layers 8 --seq 4096 --fp8 delayed   # one H100
 
-Measures, on the same model and batch, the full ``MegatronPolicy.train_step`` (forward + backward through our
+Measures, on the same model and batch, the full ``TrainablePolicy.train_step`` (forward + backward through our
 vocab-parallel log-prob path + megatron optimizer step) with three objectives:
   ce    token-mean NLL of the sequence (the plain cross-entropy step; the SFT / forward-KL-sampled objective)
   grpo  clipped policy gradient with per-sequence advantages (Stage 1 / 3)
@@ -77,14 +77,15 @@ def main() -> None:
     from megatron_s2d.losses import opd_token_advantages
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
     from megatron_s2d.runtime.dist import init_distributed
 
     init_distributed(1, 1)
     arch = arch_from_hf_config(cfg)
     dtype = "bf16" if cuda else "fp32"
     mcfg = ModelConfig(dtype=dtype, fp8=args.fp8)
-    policy = MegatronPolicy(arch, mcfg, OptimConfig(lr=1e-6), total_updates=100)
+    policy = TrainablePolicy(MegatronModel(arch, mcfg), OptimConfig(lr=1e-6), total_updates=100)
     tp = ps.get_tensor_model_parallel_group()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, arch.vocab_size, (n_seq, seq), generator=g)
@@ -140,7 +141,7 @@ def main() -> None:
     if args.score_layers:
         cfg["num_hidden_layers"] = args.score_layers
     sarch = arch_from_hf_config(cfg)
-    scorer = MegatronPolicy(sarch, mcfg, optim=None)
+    scorer = MegatronModel(sarch, mcfg)
     obj = O.logprob_values(tp, 1.0)
     scorer.forward_values(batch, obj, mbt)
     sync()

@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,7 +38,8 @@ def main() -> None:
     from megatron_s2d.config import ModelConfig, VLLMConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.models.state_dict import hf_shapes
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.load import LoadedModel
+    from megatron_s2d.policy.model import MegatronModel
     from megatron_s2d.rollout.base import SamplingParams
     from megatron_s2d.rollout.factory import make_engine
     from megatron_s2d.rollout.megatron_sampler import MegatronSampler
@@ -55,7 +57,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     init = {k: torch.randn(*s, generator=g) * 0.05 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    policy = MegatronPolicy(arch, ModelConfig(tp=args.tp, dtype="fp32"), optim=None, micro_batch_tokens=4096)
+    policy = MegatronModel(arch, ModelConfig(tp=args.tp, dtype="fp32"), micro_batch_tokens=4096)
     load_hf_state(policy.module, arch, lambda n: init[n])
     say = print if info.is_main else (lambda *a, **k: None)
     say(f"model: {arch.num_params / 1e6:.1f} M params, tp={args.tp}, {info.world_size} ranks")
@@ -66,7 +68,8 @@ def main() -> None:
     root = box[0]
     save_model_checkpoint(policy.module, f"{root}/ckpt", arch, "fp32", overwrite=True)
     t0 = time.perf_counter()
-    colocated = make_engine("vllm", policy, ckpt_dir=f"{root}/ckpt", work_dir=root, stop_ids=(3,), pad_id=0,
+    loaded = LoadedModel(model=policy, assets=None, path=Path(f"{root}/ckpt"))
+    colocated = make_engine("vllm", loaded, dp_rank=info.dp_rank, work_dir=root, stop_ids=(3,), pad_id=0,
                             vllm=VLLMConfig(cpu_kvcache_gib=0.5, sleep=False), seed=1)  # no sleep/refit per call:
     vllm = colocated.vllm                                                                  # generation alone is timed
     vllm.sync_weights(policy)  # the first refit, now (a stage's engine refits lazily, at its first generation)

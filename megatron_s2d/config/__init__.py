@@ -1,7 +1,7 @@
 """Typed config tree (schema), the stage-kind registry (kinds), YAML loading with overrides (loader), and plan
 validation (validate)."""
 
-from megatron_s2d.config.kinds import KINDS, StageKind, kind_of
+from megatron_s2d.config.kinds import KINDS, config_class
 from megatron_s2d.config.loader import apply_overrides, from_dict, load_plan, plan_from_dict, to_dict
 from megatron_s2d.config.schema import (
     ClipConfig, DataConfig, EvalConfig, EvalSetConfig, GRPOConfig, GRPOStageConfig, LaunchConfig, ModelConfig,
@@ -12,6 +12,6 @@ from megatron_s2d.config.schema import (
 __all__ = [
     "KINDS", "ClipConfig", "DataConfig", "EvalConfig", "EvalSetConfig", "GRPOConfig", "GRPOStageConfig",
     "LaunchConfig", "ModelConfig", "OPDConfig", "OPDStageConfig", "OptimConfig", "PlanConfig", "RolloutConfig", "RolloutCorrectionConfig",
-    "SlurmConfig", "SplitConfig", "StageBase", "StageConfig", "StageKind", "TrackingConfig", "VLLMConfig", "WarmupConfig",
-    "WarmupStageConfig", "apply_overrides", "from_dict", "kind_of", "load_plan", "plan_from_dict", "to_dict",
+    "SlurmConfig", "SplitConfig", "StageBase", "StageConfig", "TrackingConfig", "VLLMConfig", "WarmupConfig",
+    "WarmupStageConfig", "apply_overrides", "from_dict", "config_class", "load_plan", "plan_from_dict", "to_dict",
 ]

@@ -11,7 +11,7 @@ between a stop and a resume, and the change is recorded.
 
 What is in it: the stage's own config (minus the neutral fields), the plan seed, the plan's grader for a stage that
 consumes labels (it is the reward), the data pool and split settings, the instruction, and, for each model the
-stage holds (``config.kinds.models_of``), its dtype and FP8 recipe (they change numerics). Parallel layouts (TP/PP),
+stage holds (``StageBase.models``), its dtype and FP8 recipe (they change numerics). Parallel layouts (TP/PP),
 recomputation, packing and engine memory settings are neutral: they move where the work happens, and the stage
 resumes at any layout (dist checkpoints reshard).
 """
@@ -23,7 +23,6 @@ import hashlib
 import json
 from typing import Any
 
-from megatron_s2d.config.kinds import consumes_labels, models_of
 from megatron_s2d.config.schema import PlanConfig, StageBase
 
 # Stage fields (dotted, relative to the stage) that do not change what the stage computes. A prefix covers its subtree.
@@ -36,6 +35,8 @@ NEUTRAL_STAGE_FIELDS = (
     "rollout.vllm.gpu_memory_utilization", "rollout.vllm.cpu_kvcache_gib", "rollout.vllm.sleep",
     "rollout.vllm.verify_sync", "rollout.vllm.enforce_eager",  # engine memory / speed / debug checks
     "rollout.max_batch_tokens",  # how many rows the megatron sampler decodes at once (samples are per-row seeded)
+    # where generation runs: at max_staleness 0 separate ranks produce the colocated samples (rollout.remote)
+    "rollout.placement", "rollout.generation_ranks", "rollout.sync_timeout_s", "rollout.transfer_bucket_mib",
 )
 # Model fields (per model the stage holds) that change numerics; the rest (tp, pp, use_te, recompute, packing,
 # hf/megatron source paths, which the base import pins) are neutral.
@@ -59,13 +60,15 @@ def stage_fingerprint(plan: PlanConfig, stage: StageBase) -> dict[str, Any]:
     ``models.<role>.*`` (neutral fields included: :func:`result_changes` tells them apart)."""
     fields: dict[str, Any] = {}
     _flatten(dataclasses.asdict(stage), "", fields)
+    if "rollout_correction.mode" in fields:  # the mode it runs: "auto" is "none" on-policy (as plans before it)
+        fields["rollout_correction.mode"] = stage.rollout_correction.resolved(stage.rollout.max_staleness)
     fields["seed"] = plan.seed
-    if consumes_labels(stage):
+    if stage.consumes_labels():
         fields["grader"] = plan.grader  # what grades its reward (a stage reading no labels grades nothing it trains on)
     d = plan.data
     _flatten({"pool": d.pool, "pool_limit": d.pool_limit, "instruction": d.instruction,
               "split": dataclasses.asdict(d.split)}, "data", fields)
-    for role in models_of(stage):
+    for role in stage.models():
         m = plan.models[role]
         _flatten({k: getattr(m, k) for k in ("dtype", "fp8", "tp", "pp", "use_te", "recompute", "pack_sequences")},
                  f"models.{role}", fields)

@@ -189,8 +189,8 @@ def _build_stages(raw_stages: Any, defaults: Any) -> list:
         raise S2DError("'stage_defaults' must be a mapping")
     from megatron_s2d.config.schema import RENAMED
 
-    known = set().union(*(_fields(k.config) for k in KINDS.values()))
-    renamed = set().union(*(RENAMED.get(k.config, {}) for k in KINDS.values()))
+    known = set().union(*(_fields(k) for k in set(KINDS.values())))
+    renamed = set().union(*(RENAMED.get(k, {}) for k in set(KINDS.values())))
     stray = sorted(set(defaults) - known - renamed)
     if stray:
         raise S2DError(f"stage_defaults: key(s) {stray}{_did_you_mean(stray, known)} belong to no stage kind; "
@@ -209,7 +209,7 @@ def _build_stages(raw_stages: Any, defaults: Any) -> list:
         if kind not in KINDS:
             hint = _did_you_mean([kind], KINDS) if isinstance(kind, str) else ""
             raise S2DError(f"{where}.kind = {kind!r}{hint}: expected one of {sorted(KINDS)}")
-        cls = KINDS[kind].config
+        cls = KINDS[kind]
         mine = {k: v for k, v in defaults.items() if applies(k, cls)}
         out.append(from_dict(cls, _deep_merge(mine, raw), where))
     return out

@@ -15,17 +15,15 @@ import math
 import re
 import warnings
 
-from megatron_s2d.config.kinds import (KINDS, consumes_labels, generating_model, kind_of, models_of, rows_per_prompt,
-                                       trained_model)
+from megatron_s2d.config.kinds import KINDS
 from megatron_s2d.config.schema import (
     GRPOStageConfig, OPDStageConfig, PlanConfig, RolloutCorrectionConfig, StageBase, TeacherSFTStageConfig,
     WarmupStageConfig,
 )
 from megatron_s2d.errors import S2DError
 
-__all__ = ["PlanWarning", "ancestors", "batch_layout_errors", "consumes_labels", "context_errors", "engine_for",
-           "generating_model", "label_ledger", "layout_errors", "parents", "plan_warnings", "topo_order",
-           "trained_model", "validate_plan", "vllm_tp"]
+__all__ = ["PlanWarning", "ancestors", "batch_layout_errors", "context_errors", "engine_for", "label_ledger",
+           "layout_errors", "parents", "plan_warnings", "topo_order", "validate_plan", "vllm_tp"]
 
 # A stage's name is a folder (RUN/stages/<name>/, a job, a script) and the key of its dotted overrides
 # (stages.<name>.steps=2): no path separators or dots. Reserved: "base" (init / teacher: the base model) and the
@@ -39,9 +37,7 @@ def parents(stage: StageBase) -> list[str]:
     out = []
     if stage.init != "base":
         out.append(stage.init)
-    teacher = getattr(stage, "teacher", None)
-    if teacher not in (None, "base"):
-        out.append(teacher)
+    out += [t for t in stage.teachers() if t != "base"]
     return out
 
 
@@ -133,7 +129,7 @@ def _check_kind_fields(s: StageBase, w: str) -> None:
                            "its advantage within each prompt's group)")
         _check_clip(w, s.clip)
         _check_correction(w, s.rollout_correction)
-        if s.opd.mode == "topk" and s.rollout_correction.mode != "none":
+        if s.opd.mode == "topk" and s.rollout_correction.mode not in ("none", "auto"):
             raise S2DError(f"{w}.rollout_correction applies to the policy gradient (opd.mode 'sampled'); the top-k "
                            "reverse KL of opd.mode 'topk' is not importance-weighted: set rollout_correction.mode: none")
     elif isinstance(s, TeacherSFTStageConfig):
@@ -153,19 +149,18 @@ def _check_kind_fields(s: StageBase, w: str) -> None:
 def _check_stage(plan: PlanConfig, s: StageBase, where: str) -> None:
     by_name = {x.name: x for x in plan.stages}
     w = f"{where}: stages.{s.name}"
-    k = kind_of(s)
-    teacher = getattr(s, "teacher", None)
+    teacher = s.teachers()[0] if s.teachers() else None
     for ref, label in ((s.init, "init"), (teacher, "teacher")):
         if ref not in (None, "base") and ref not in by_name:
             raise S2DError(f"{w}.{label} = {ref!r} names no stage; stages: {sorted(by_name)} (or 'base')")
-    if s.init != "base" and trained_model(by_name[s.init]) != k.trains:
-        raise S2DError(f"{w}.init = {s.init!r}: a {s.kind} stage trains the {k.trains}, but stage "
-                       f"{s.init!r} trains the {trained_model(by_name[s.init])}")
-    if k.needs_teacher:
+    if s.init != "base" and by_name[s.init].trains != s.trains:
+        raise S2DError(f"{w}.init = {s.init!r}: a {s.kind} stage trains the {s.trains}, but stage "
+                       f"{s.init!r} trains the {by_name[s.init].trains}")
+    if isinstance(s, (WarmupStageConfig, OPDStageConfig)):  # the kinds with a ``teacher`` field
         if teacher is None:
             raise S2DError(f"{w}.teacher is required for a {s.kind} stage ('base' or the name of a stage that trains "
                            "the teacher: teacher_rl, teacher_sft)")
-        if teacher != "base" and trained_model(by_name[teacher]) != "teacher":
+        if teacher != "base" and by_name[teacher].trains != "teacher":
             raise S2DError(f"{w}.teacher = {teacher!r} is a {by_name[teacher].kind} stage, not one that trains the "
                            "teacher")
     if s.split is None:
@@ -195,11 +190,11 @@ def _check_stage(plan: PlanConfig, s: StageBase, where: str) -> None:
     if r.max_batch_tokens != "auto" and (not isinstance(r.max_batch_tokens, int) or r.max_batch_tokens < 1):
         raise S2DError(f"{w}.rollout.max_batch_tokens = {r.max_batch_tokens!r}: 'auto' (sized from free memory) or an "
                        "integer >= 1 (the megatron sampler's KV-cache budget in tokens)")
-    if k.needs_teacher and plan.models["teacher"].fp8 == "delayed":
-        t, own = plan.models["teacher"], plan.models[k.trains]
+    if s.teachers() and plan.models["teacher"].fp8 == "delayed":
+        t, own = plan.models["teacher"], plan.models[s.trains]
         if (t.tp, t.pp) != (own.tp, own.pp):
             raise S2DError(f"{w}: models.teacher.fp8 = 'delayed' with the teacher at a layout of its own "
-                           f"(tp={t.tp} pp={t.pp}, the {k.trains} at tp={own.tp} pp={own.pp}): delayed scaling "
+                           f"(tp={t.tp} pp={t.pp}, the {s.trains} at tp={own.tp} pp={own.pp}): delayed scaling "
                            "all-reduces amaxes over the job's layout (megatron fp8_utils.get_fp8_context), not the "
                            "teacher's; use models.teacher.fp8: tensorwise or blockwise (no cross-rank amax)")
     util = r.vllm.gpu_memory_utilization
@@ -234,10 +229,10 @@ def context_errors(plan: PlanConfig, contexts: dict[str, int]) -> list[str]:
     job holds (the trained one, the teacher that generates or scores them); evaluation's through each model it
     evaluates (the stages' final policies with ``eval: true``, both base models with ``eval.include_base``)."""
     p = plan.data.max_prompt_tokens
-    budgets = [(f"stages.{s.name}.rollout.max_new_tokens", s.rollout.max_new_tokens, models_of(s),
+    budgets = [(f"stages.{s.name}.rollout.max_new_tokens", s.rollout.max_new_tokens, s.models(),
                 "generates or scores this stage's samples")
                for s in plan.stages]
-    evaluated = {trained_model(s) for s in plan.stages if s.eval}
+    evaluated = {s.trains for s in plan.stages if s.eval}
     evaluated |= {"teacher", "student"} if plan.eval.include_base else set()
     budgets.append(("eval.max_new_tokens", plan.eval.max_new_tokens, sorted(evaluated), "is evaluated"))
     out = []
@@ -256,24 +251,24 @@ def batch_layout_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
     """Problems a stage job would hit at step 0 with the job's layout: its prompts are split over the data-parallel
     ranks of the model it trains (DP = world / (tp x pp)), and every rank cuts its rows into ``updates_per_step``
     mini-batches. Checked when the plan is loaded and by the dry run, naming the stage and the fields."""
-    role = trained_model(stage)
+    role = stage.trains
     m = plan.models[role]
-    world = plan.launch.nodes * plan.launch.procs_per_node
-    if m.tp < 1 or m.pp < 1 or world % (m.tp * m.pp):
-        return []  # reported by the world-size check
+    world = trainer_world(plan, stage)
+    if world < 1 or m.tp < 1 or m.pp < 1 or world % (m.tp * m.pp):
+        return []  # reported by the world-size and placement checks
     dp = world // (m.tp * m.pp)
     w = f"stages.{stage.name}"
     if stage.prompts_per_step % dp:
         return [f"{w}.prompts_per_step = {stage.prompts_per_step} does not divide over the {dp} data-parallel ranks "
                 f"of models.{role} (world {world} / tp {m.tp} / pp {m.pp}); use a multiple of {dp}"]
-    rows = stage.prompts_per_step // dp * rows_per_prompt(stage)
+    rows = stage.prompts_per_step // dp * stage.rows_per_prompt()
     what = ("warmup.teacher_samples_per_prompt" if isinstance(stage, WarmupStageConfig) else
             "rows per prompt (sft: 1 solution, or at most sft.samples_per_prompt kept samples)"
             if isinstance(stage, TeacherSFTStageConfig) else "samples_per_prompt")
     if stage.updates_per_step > rows:
         return [f"{w}.updates_per_step = {stage.updates_per_step} exceeds the {rows} sequences each data-parallel rank "
                 f"trains on per step (prompts_per_step / dp x {what} = {stage.prompts_per_step} / {dp} x "
-                f"{rows_per_prompt(stage)}): some updates would have no rows; lower updates_per_step"]
+                f"{stage.rows_per_prompt()}): some updates would have no rows; lower updates_per_step"]
     return []
 
 
@@ -285,7 +280,7 @@ def split_parts(split: str) -> list[str]:
 def label_ledger(plan: PlanConfig) -> dict[str, list[str]]:
     """For every stage, the data splits whose labels it or its ancestors consumed."""
     by_name = {s.name: s for s in plan.stages}
-    return {s.name: sorted({part for a in ancestors(plan, s.name) + [s.name] if consumes_labels(by_name[a])
+    return {s.name: sorted({part for a in ancestors(plan, s.name) + [s.name] if by_name[a].consumes_labels()
                             for part in split_parts(by_name[a].split)}) for s in plan.stages}
 
 
@@ -302,7 +297,7 @@ def engine_for(rollout, vllm_installed: bool | None = None) -> str:
 
 def vllm_tp(plan: PlanConfig, stage: StageBase) -> int:
     """The vLLM tensor-parallel size of a stage's generation (default: the generating model's training tp)."""
-    return stage.rollout.vllm.tp or plan.models[generating_model(stage)].tp
+    return stage.rollout.vllm.tp or plan.models[stage.samples_from].tp
 
 
 def _check_generations(plan: PlanConfig, where: str) -> None:
@@ -353,9 +348,9 @@ def validate_plan(plan: PlanConfig, where: str = "plan") -> None:
     # Label hygiene: a stage must not consume labels an ancestor already consumed, unless marked replay.
     by_name = {s.name: s for s in plan.stages}
     for s in plan.stages:
-        if not consumes_labels(s):
+        if not s.consumes_labels():
             continue
-        used = {part: a for a in ancestors(plan, s.name) if consumes_labels(by_name[a])
+        used = {part: a for a in ancestors(plan, s.name) if by_name[a].consumes_labels()
                 for part in split_parts(by_name[a].split)}
         reused = [part for part in split_parts(s.split) if part in used]
         if reused and not s.replay:
@@ -402,6 +397,54 @@ def plan_warnings(plan: PlanConfig) -> list[str]:
     return out
 
 
+def separate(stage: StageBase) -> bool:
+    """Whether a stage generates on ranks of its own (``rollout.placement: separate``; a stage that does not
+    generate ignores the placement settings)."""
+    return stage.generates() and stage.rollout.placement == "separate"
+
+
+def trainer_world(plan: PlanConfig, stage: StageBase) -> int:
+    """The ranks of a stage's job that train: all of them, or all but ``rollout.generation_ranks`` (separate)."""
+    world = plan.launch.nodes * plan.launch.procs_per_node
+    return world - stage.rollout.generation_ranks if separate(stage) else world
+
+
+def placement_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
+    """The placement settings of a stage that generates: generation ranks that exist and hold whole replicas of the
+    generating model, trainers that hold whole replicas of the trained one, a staleness only separate ranks allow."""
+    r, w = stage.rollout, f"stages.{stage.name}.rollout"
+    if not stage.generates():
+        return []
+    world = plan.launch.nodes * plan.launch.procs_per_node
+    out = []
+    if r.max_staleness < 0 or r.sync_timeout_s <= 0 or r.transfer_bucket_mib < 1:
+        out.append(f"{w}: max_staleness must be >= 0, sync_timeout_s > 0 and transfer_bucket_mib >= 1")
+    if r.placement == "auto":
+        out.append(f"{w}.placement = 'auto' is not chosen by this release yet (the dry run prices both): set "
+                   "'colocated' or 'separate' with generation_ranks")
+    if r.placement != "separate":
+        if r.max_staleness > 0:
+            out.append(f"{w}.max_staleness = {r.max_staleness}: running generation ahead of training needs ranks "
+                       "of its own; set rollout.placement: separate (with generation_ranks), or max_staleness: 0")
+        return out
+    if not isinstance(stage, (GRPOStageConfig, OPDStageConfig, WarmupStageConfig)):
+        out.append(f"{w}.placement = 'separate': a {stage.kind} stage generates in rounds of its own, which "
+                   "generation ranks do not serve yet; use rollout.placement: colocated")
+    if engine_for(r) != "megatron":
+        out.append(f"{w}.placement = 'separate' serves rollouts with the megatron sampler in this release (vLLM on "
+                   "generation ranks of their own is not wired yet); set rollout.engine: megatron")
+    gen, n = plan.models[stage.samples_from], r.generation_ranks
+    trained = plan.models[stage.trains]
+    if not 0 < n < world:
+        out.append(f"{w}.generation_ranks = {n}: with placement 'separate' between 1 and {world - 1} of the job's "
+                   f"{world} ranks (launch.nodes x launch.procs_per_node) generate; the rest train")
+    elif n % (gen.tp * gen.pp) or (world - n) % (trained.tp * trained.pp):
+        out.append(f"{w}.generation_ranks = {n}: the {n} generation ranks must hold whole replicas of the "
+                   f"{stage.samples_from} (tp x pp = {gen.tp * gen.pp}) and the {world - n} trainers whole replicas "
+                   f"of the {stage.trains} (tp x pp = {trained.tp * trained.pp})")
+    return out
+
+
 def layout_errors(plan: PlanConfig) -> list[str]:
     """Every divisibility problem of the plan's jobs, in one place: each model's tp x pp divides the world, each
     stage's prompts divide over its data-parallel ranks and every rank has rows for every update. The plan loader
@@ -410,4 +453,5 @@ def layout_errors(plan: PlanConfig) -> list[str]:
     out = [f"models.{role}: tp x pp = {m.tp * m.pp} does not divide the world size {world} (launch.nodes "
            f"{plan.launch.nodes} x launch.procs_per_node {plan.launch.procs_per_node})"
            for role, m in plan.models.items() if m.tp < 1 or m.pp < 1 or world % (m.tp * m.pp)]
+    out += [e for s in plan.stages for e in placement_errors(plan, s)]
     return out + [e for s in plan.stages for e in batch_layout_errors(plan, s)]

@@ -170,17 +170,15 @@ def main(args) -> int:
             stop = tuple(stop) if isinstance(stop, list) else (stop,)
         else:
             from megatron_s2d.checkpoint.assets import ModelAssets
-            from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
-            from megatron_s2d.policy.megatron_policy import MegatronPolicy
-            from megatron_s2d.rollout.megatron_sampler import MegatronSampler
+            from megatron_s2d.policy.load import load_model
+            from megatron_s2d.rollout.factory import make_sampler
 
             assets = ModelAssets.load(_as_megatron(model_dir, tmp))
-            policy = MegatronPolicy(assets.arch, ModelConfig(tp=args.tp, dtype=assets.meta["dtype"]), optim=None,
-                                    seed=args.seed)
-            load_model_checkpoint(policy.module, assets.path)
+            loaded = load_model(assets.path, ModelConfig(tp=args.tp, dtype=assets.meta["dtype"]), assets=assets,
+                                seed=args.seed)
             tokenizer, stop = assets.tokenizer, assets.stop_ids
-            engine = MegatronSampler(policy.module, assets.arch, eos_token_ids=list(stop), pad_token_id=assets.pad_id,
-                                     max_batch_tokens=RolloutConfig().max_batch_tokens)  # "auto": from free memory
+            engine = make_sampler(loaded.model, stop_ids=stop, pad_id=assets.pad_id,
+                                  max_batch_tokens=RolloutConfig().max_batch_tokens)  # "auto": from free memory
         results = evaluator.evaluate(engine, tokenizer, stop, dp=DataParallel(info.dp_rank, info.dp,
                                                                              data_parallel_group()),
                                      show_progress=info.is_main)

@@ -77,4 +77,6 @@ def finalize_metrics(totals: Mapping[str, torch.Tensor | float]) -> dict[str, fl
             out[name[: -len("_sum")] + "_mean"] = value / denom
         else:
             out[name[: -len("_count")] + "_frac"] = value / denom
+    if "clip_low_frac" in out:  # the clipped surrogate's two sides, together
+        out["clip_frac"] = out["clip_low_frac"] + out.get("clip_high_frac", 0.0)
     return out

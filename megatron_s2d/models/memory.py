@@ -1,4 +1,5 @@
-"""Per-GPU memory of one colocated stage job, in its two phases, from the models' HF configs alone (no GPU, no build).
+"""Per-GPU memory of one stage job, in its two phases, from the models' HF configs alone (no GPU, no build); a
+separate stage (``rollout.placement: separate``) has two sides, each estimated on its own (see the end).
 
 The dry run prints it (``launch.checks``: columns ``train_peak`` / ``gen_peak`` against ``launch.gpu_memory_gib``)
 and refuses a job that does not fit; the stage job calls :func:`vllm_memory_fraction` for vLLM's share when
@@ -20,7 +21,7 @@ Resident in both phases (``resident``):
 
 Training phase (``train_peak``: resident + these; vLLM sleeps at level 2: its weights and KV cache are discarded,
 its runtime and CUDA-graph pools moved to the host: vllm/device_allocator/sleep_mode_backend.py:127-137):
-  * **grads**     megatron's contiguous grad buffer in fp32 (``grad_reduce_in_fp32=True`` in policy/megatron_policy.py):
+  * **grads**     megatron's contiguous grad buffer in fp32 (``grad_reduce_in_fp32=True`` in policy/trainer.py):
     4 bytes/param.
   * **optim**     Adam: fp32 master copy (only when the weights are bf16) + exp_avg + exp_avg_sq = 12 (bf16) or 8
     (fp32) bytes/param, / DP when the distributed optimizer is on (it shards the optimizer state over DP).
@@ -58,6 +59,12 @@ installed, as on the GPU nodes):
   * the final evaluation (``stage.eval``: the megatron sampler on the trained policy, ``eval.max_new_tokens``, the
     stage's ``rollout.max_batch_tokens``) and ``base_eval`` (each base model alone, ``max_batch_tokens: auto``).
 
+Separate placement (:func:`estimate_separate_memory`): the trainers hold what a colocated job holds while it
+trains (the trained policy, a scoring teacher or the reference, grads, optimizer state sharded over *their*
+data-parallel ranks, activations) and the final evaluation's sampler, but no rollout engine; the forward-KL
+warmup's teacher, which only generates, lives on the generation ranks. A generation rank holds the engine alone
+(:func:`estimate_generation_memory`).
+
 Known approximations: norms and q/k-norm weights are counted as if TP-sharded (they are replicated; < 0.1 %), the
 pipeline split assumes megatron's even layer split, micro-batches are assumed full (``micro_batch_tokens``), and
 activations saved in FP8 are counted in bf16.
@@ -68,7 +75,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_s2d.config.kinds import kind_of, trained_model
 from megatron_s2d.config.schema import GRPOStageConfig, ModelConfig, PlanConfig, StageBase
 from megatron_s2d.errors import S2DError
 from megatron_s2d.models.arch import ArchSpec
@@ -269,8 +275,11 @@ class StageMemory:
 
     @property
     def engine_gib(self) -> float:
-        """The rollout engine's share: vLLM's ``util x total``, or the megatron sampler's KV cache + working memory."""
-        return self.vllm.share_gib if self.vllm is not None else self.sampler.total_gib
+        """The rollout engine's share: vLLM's ``util x total``, or the megatron sampler's KV cache + working memory
+        (0 on the trainers of a separate stage: they run no engine)."""
+        if self.vllm is not None:
+            return self.vllm.share_gib
+        return self.sampler.total_gib if self.sampler is not None else 0.0
 
     @property
     def gen_peak_gib(self) -> float:
@@ -294,8 +303,9 @@ def _world(plan: PlanConfig) -> int:
     return plan.launch.nodes * plan.launch.procs_per_node
 
 
-def _dp(plan: PlanConfig, m: ModelConfig) -> int:
-    return max(1, _world(plan) // (m.tp * m.pp))
+def _dp(plan: PlanConfig, m: ModelConfig, ranks: int | None = None) -> int:
+    """Data-parallel replicas of ``m`` over ``ranks`` (default: the job's world)."""
+    return max(1, (_world(plan) if ranks is None else ranks) // (m.tp * m.pp))
 
 
 def max_model_len(plan: PlanConfig, max_new_tokens: int) -> int:
@@ -303,13 +313,14 @@ def max_model_len(plan: PlanConfig, max_new_tokens: int) -> int:
     return plan.data.max_prompt_tokens + max_new_tokens
 
 
-def _resident(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec]) -> tuple[float, float, float]:
-    """(policy weights, frozen weights, FP8 caches) in bytes on one GPU of ``stage``'s job."""
-    k = kind_of(stage)
-    m, arch = plan.models[k.trains], archs[k.trains]
+def _resident(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec],
+              separate: bool = False) -> tuple[float, float, float]:
+    """(policy weights, frozen weights, FP8 caches) in bytes on one GPU of ``stage``'s job (``separate``: on one of
+    its trainers, where a teacher that only generates, the forward-KL warmup's, is not held)."""
+    m, arch = plan.models[stage.trains], archs[stage.trains]
     p = params_on_heaviest_stage(arch, m.tp, m.pp)
     frozen, fp8 = 0.0, p * FP8_CACHE_BYTES if m.fp8 else 0.0
-    if k.needs_teacher:
+    if stage.teachers() and not (separate and stage.samples_from == "teacher"):
         t = plan.models["teacher"]
         pt = params_on_heaviest_stage(archs["teacher"], t.tp, t.pp)
         frozen = pt * dtype_bytes(t.dtype)
@@ -322,7 +333,7 @@ def _resident(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec]) ->
 
 def _vllm_share(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec], resident_gib: float,
                 total_gib: float) -> VLLMShare:
-    role = kind_of(stage).samples_from
+    role = stage.samples_from
     m, arch = plan.models[role], archs[role]
     wb, vtp = dtype_bytes(m.dtype), stage.rollout.vllm.tp or m.tp
     mml = max_model_len(plan, stage.rollout.max_new_tokens)
@@ -376,20 +387,23 @@ def _sampler_problems(est: StageMemory, smp: SamplerMemory, what: str, mbt_key: 
 
 
 def estimate_stage_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec],
-                          total_gib: float | None = None) -> StageMemory:
+                          total_gib: float | None = None, train_ranks: int | None = None) -> StageMemory:
     """The memory of ``stage``'s job on one GPU, by phase, and what does not fit. ``total_gib``: the GPU's total
-    memory as CUDA reports it (vLLM's share is a fraction of it); default ``launch.gpu_memory_gib``."""
+    memory as CUDA reports it (vLLM's share is a fraction of it); default ``launch.gpu_memory_gib``.
+    ``train_ranks``: None for a colocated job (every rank trains and generates); else the trainers of a separate
+    one (see :func:`estimate_separate_memory`): its data-parallel size is theirs and they run no rollout engine."""
     total = plan.launch.gpu_memory_gib if total_gib is None else total_gib
-    k = kind_of(stage)
-    role = k.trains
+    separate = train_ranks is not None
+    role = stage.trains
     m, arch = plan.models[role], archs[role]
     wb = dtype_bytes(m.dtype)
     p = params_on_heaviest_stage(arch, m.tp, m.pp)
-    weights, frozen, fp8 = _resident(plan, stage, archs)
-    optim_per_param = (12 if m.dtype == "bf16" else 8) / (_dp(plan, m) if stage.optim.use_distributed_optimizer else 1)
+    weights, frozen, fp8 = _resident(plan, stage, archs, separate)
+    dp = _dp(plan, m, train_ranks)
+    optim_per_param = (12 if m.dtype == "bf16" else 8) / (dp if stage.optim.use_distributed_optimizer else 1)
     tokens = stage.micro_batch_tokens
     act = training_activation_bytes(arch, m.tp, m.pp, tokens, m.recompute, wb, sequence_parallel(m))
-    if k.needs_teacher:
+    if stage.teachers() and not (separate and stage.samples_from == "teacher"):
         t = plan.models["teacher"]
         act = max(act, scoring_bytes(archs["teacher"], t.tp, tokens, dtype_bytes(t.dtype)))
     elif isinstance(stage, GRPOStageConfig) and stage.grpo.kl_beta > 0:
@@ -398,12 +412,13 @@ def estimate_stage_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, A
     free_gib = min(plan.launch.gpu_memory_gib, total) - resident_gib  # while generating: grads, optimizer on the host
     mbt = stage.rollout.max_batch_tokens
     vllm = sampler = evaluation = None
-    # "auto" is modelled as vLLM: the job uses it wherever it is installed, as on the GPU nodes
-    if stage.rollout.engine == "megatron":
-        gen = k.samples_from
+    # "auto" is modelled as vLLM: the job uses it wherever it is installed, as on the GPU nodes. A separate stage's
+    # trainers hold no engine: its generation ranks do (estimate_generation_memory)
+    if not separate and stage.rollout.engine == "megatron":
+        gen = stage.samples_from
         sampler = sampler_memory(archs[gen], plan.models[gen], max_model_len(plan, stage.rollout.max_new_tokens), mbt,
                                  free_gib)
-    else:
+    elif not separate:
         vllm = _vllm_share(plan, stage, archs, resident_gib, total)
     if stage.eval:
         evaluation = sampler_memory(arch, m, max_model_len(plan, plan.eval.max_new_tokens), mbt, free_gib)
@@ -415,21 +430,61 @@ def estimate_stage_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, A
 
 
 def _with_problems(stage: StageBase, est: StageMemory, total: float) -> StageMemory:
-    role, w = trained_model(stage), f"stages.{stage.name}"
+    role, w = stage.trains, f"stages.{stage.name}"
     mbt, train, out = f"{w}.rollout.max_batch_tokens", [], []
-    if est.train_peak_gib > est.budget_gib:
+    if est.trains and est.train_peak_gib > est.budget_gib:
         train.append(f"{w}: the training phase needs {est.describe_train()} per GPU > launch.gpu_memory_gib = "
                    f"{est.budget_gib:g}; lower {w}.micro_batch_tokens, enable models.{role}.recompute, raise "
                    f"models.{role}.tp / pp, or add nodes (more data-parallel ranks shard the optimizer)")
     if est.vllm is not None:
         out.extend(_vllm_problems(stage, est, est.vllm, total))
-    else:
-        out.extend(_sampler_problems(est, est.sampler, f"{w}: rollouts on the megatron sampler need", mbt,
+    elif est.sampler is not None:
+        where = "the generation ranks' rollouts" if not est.trains else "rollouts"
+        out.extend(_sampler_problems(est, est.sampler, f"{w}: {where} on the megatron sampler need", mbt,
                                      f"data.max_prompt_tokens / {w}.rollout.max_new_tokens"))
     if est.eval_sampler is not None:
         out.extend(_sampler_problems(est, est.eval_sampler, f"{w}: the final evaluation needs", mbt,
                                      f"data.max_prompt_tokens / eval.max_new_tokens (or set {w}.eval: false)"))
     return StageMemory(**{**est.__dict__, "train_problems": tuple(train), "gen_problems": tuple(out)})
+
+
+def generation_layout(plan: PlanConfig, stage: StageBase) -> tuple[int, int]:
+    """(tp, pp) of one replica of a stage's rollout engine: vLLM at ``rollout.vllm.tp`` (default the generating
+    model's tp) with every layer on each rank, or the megatron sampler at the generating model's own tp / pp."""
+    m = plan.models[stage.samples_from]
+    return (m.tp, m.pp) if stage.rollout.engine == "megatron" else (stage.rollout.vllm.tp or m.tp, 1)
+
+
+def estimate_generation_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec],
+                               total_gib: float | None = None) -> StageMemory:
+    """One GPU of a separate stage's generation ranks: the rollout engine alone (no trainer, no optimizer, no final
+    evaluation). vLLM holds its share (its own weights inside it; unset, derived as budget - CUDA context -
+    headroom); the megatron sampler holds a copy of the generating model at its tp / pp (bf16 or fp32 as the model's
+    dtype: the sampler generates without FP8) and its KV cache in what is left (``max_batch_tokens: auto``)."""
+    total = plan.launch.gpu_memory_gib if total_gib is None else total_gib
+    role = stage.samples_from
+    m, arch = plan.models[role], archs[role]
+    weights, vllm, sampler = 0.0, None, None
+    if stage.rollout.engine == "megatron":
+        weights = params_on_heaviest_stage(arch, m.tp, m.pp) * dtype_bytes(m.dtype) / GIB
+        free = min(plan.launch.gpu_memory_gib, total) - weights - CUDA_CONTEXT_NCCL_GIB
+        sampler = sampler_memory(arch, m, max_model_len(plan, stage.rollout.max_new_tokens),
+                                 stage.rollout.max_batch_tokens, free)
+    else:
+        vllm = _vllm_share(plan, stage, archs, CUDA_CONTEXT_NCCL_GIB, total)
+    est = StageMemory(job=stage.name, budget_gib=plan.launch.gpu_memory_gib, weights_gib=weights, frozen_gib=0.0,
+                      fp8_gib=0.0, overhead_gib=CUDA_CONTEXT_NCCL_GIB, grads_gib=0.0, optim_gib=0.0,
+                      activations_gib=0.0, vllm=vllm, sampler=sampler, trains=False)
+    return _with_problems(stage, est, total)
+
+
+def estimate_separate_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec], generation_ranks: int,
+                             total_gib: float | None = None) -> tuple[StageMemory, StageMemory]:
+    """(trainers, generation ranks) of ``stage`` placed separately, ``generation_ranks`` of the job's world
+    generating: one GPU of each side (:func:`estimate_stage_memory` with ``train_ranks``,
+    :func:`estimate_generation_memory`)."""
+    train = estimate_stage_memory(plan, stage, archs, total_gib, train_ranks=_world(plan) - generation_ranks)
+    return train, estimate_generation_memory(plan, stage, archs, total_gib)
 
 
 def estimate_base_eval_memory(plan: PlanConfig, archs: dict[str, ArchSpec]) -> StageMemory:
@@ -461,7 +516,7 @@ def vllm_memory_fraction(plan: PlanConfig, stage: StageBase, archs: dict[str, Ar
     total``, with budget = min(``launch.gpu_memory_gib``, ``total_gib``). Raises :class:`S2DError` naming the field
     when that share cannot fit or cannot hold one longest sequence.
 
-    ``archs``: the ArchSpec of each model the stage holds (``config.kinds.models_of``). ``total_gib``: the GPU's
+    ``archs``: the ArchSpec of each model the stage holds (``StageBase.models``). ``total_gib``: the GPU's
     total memory as CUDA reports it (``torch.cuda.mem_get_info()[1] / 2**30`` at run time: vLLM multiplies that by
     the fraction); default ``launch.gpu_memory_gib``. The residency assumed is the generation phase's: grad buffers
     and optimizer state on the host; vLLM's start-up check (free >= util x total, vllm/v1/worker/utils.py:761-770)

@@ -7,8 +7,11 @@
     metrics = policy.train(batch, PolicyGradientLoss(...), updates=4)
 
 Process groups, micro-batching, routing between layouts and the objectives' plumbing stay behind these methods.
-Both implementations (``MegatronPolicy``, ``FrozenScorer``) get the scoring methods from :class:`ScoringMethods`,
-which builds each call from one primitive, ``forward_values(tensors, objective, micro_batch_tokens)``.
+The implementations: ``policy.model.MegatronModel`` (a frozen model: a ``Scorer``), ``policy.scorer.RoutedScorer``
+(a frozen model at a layout of its own, serving the job's data-parallel ranks: a ``Scorer``) and
+``policy.trainer.TrainablePolicy`` (a ``Policy``). All three get the scoring methods from
+``policy.scoring.ScoringMethods``, which builds each call from one primitive,
+``forward_values(tensors, objective, micro_batch_tokens)``.
 """
 
 from __future__ import annotations
@@ -41,33 +44,3 @@ class Scorer(Protocol):
 
 class Policy(Scorer, Protocol):
     def train(self, batch: RolloutBatch, loss: O.Loss, updates: int) -> dict[str, float]: ...
-
-
-class ScoringMethods:
-    """The scoring half of the interface, for a class with ``tp_group``, ``micro_batch_tokens`` and
-    ``forward_values(tensors, objective, micro_batch_tokens) -> {name: (N, T, ...)}``."""
-
-    tp_group: object
-    micro_batch_tokens: int
-
-    def forward_values(self, batch: dict, objective, micro_batch_tokens: int) -> dict: ...
-
-    def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-        """(N, T) log-probs of the batch's tokens at ``temperature`` (0 outside each row's targets)."""
-        out = self.forward_values(batch.tensors("tokens", "lengths"), O.logprob_values(self.tp_group, temperature),
-                                  self.micro_batch_tokens)
-        return out["logprobs"]
-
-    def logprobs_at(self, batch: RolloutBatch, temperature: float, tail: bool = False) -> TokenScores:
-        """In one pass: the tokens' log-probs, the log-probs at ``batch.topk_ids`` (N, T, K) and, with ``tail``, the
-        log of the mass outside those ids (N, T)."""
-        out = self.forward_values(batch.tensors("tokens", "lengths", "topk_ids"),
-                                  O.logprob_values(self.tp_group, temperature, ids_key="topk_ids", tail=tail),
-                                  self.micro_batch_tokens)
-        return TokenScores(out["logprobs"], out["logprobs_at_ids"], out.get("log_tail_at_ids"))
-
-    def topk(self, batch: RolloutBatch, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, T, K) top-k log-probs and ids at each target position."""
-        out = self.forward_values(batch.tensors("tokens", "lengths"),
-                                  O.logprob_values(self.tp_group, temperature, topk=k), self.micro_batch_tokens)
-        return out["topk_logprobs"], out["topk_ids"]

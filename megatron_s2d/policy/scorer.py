@@ -12,7 +12,8 @@ rollouts. Scoring therefore routes rows, per call:
     4. each replica's leader sends every rank the scores of that rank's rows                exchange (all_to_all)
 
 When the scorer's layout is the job's own (a reference model in GRPO, or teacher tp/pp = student tp/pp), teacher
-replica == stage DP rank and every rank simply scores its own rows: no routing.
+replica == stage DP rank and every rank simply scores its own rows: the ``MegatronModel`` itself is the scorer, and
+this class is not built.
 
 Results equal the single-process scores of the same rows (forward_values zeroes everything past a row's length,
 so how rows are grouped into micro-batches does not matter): see tests/distributed/test_scorer_layout.py.
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from megatron_s2d.errors import InternalError
 from megatron_s2d.policy.batching import scatter_rows, slice_batch
-from megatron_s2d.policy.interface import ScoringMethods
+from megatron_s2d.policy.scoring import ScoringMethods
 from megatron_s2d.runtime.exchange import exchange
 from megatron_s2d.runtime.routing import Routing
 
@@ -51,40 +52,24 @@ def _rows(batch: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Ten
     return {k: v.contiguous() for k, v in slice_batch(batch, idx, t).items()}
 
 
-class FrozenScorer(ScoringMethods):
-    """A frozen :class:`MegatronPolicy` (possibly in its own layout) that scores the calling rank's own rows: the
-    ``Scorer`` interface (``logprobs``, ``logprobs_at``, ``topk``) over the routed ``forward_values``."""
+class RoutedScorer(ScoringMethods):
+    """A frozen :class:`~megatron_s2d.policy.model.MegatronModel` at a layout of its own that scores the calling
+    rank's own rows: the ``Scorer`` interface (``logprobs``, ``logprobs_at``, ``topk``) over the routed
+    ``forward_values``. Built only where the layouts differ (``policy.load.LoadedModel.scorer``); at the job's own
+    layout the model itself is the scorer."""
 
     def __init__(self, model, stage_dp_rank: int):
+        if model.groups.is_global:
+            raise InternalError("RoutedScorer wraps a model at a layout of its own; at the job's layout the model "
+                                "itself is the scorer")
         self.model = model
-        self.groups = model.groups  # None: the job's own layout
+        self.groups = model.groups
         self.stage_dp_rank = stage_dp_rank
         self.micro_batch_tokens = model.micro_batch_tokens
-
-    @property
-    def tp_group(self):
-        return self.model.tp_group
-
-    @property
-    def module(self):
-        return self.model.module
-
-    @property
-    def arch(self):
-        return self.model.arch
-
-    @property
-    def pp_size(self) -> int:
-        return self.model.pp_size
-
-    @property
-    def own_layout(self) -> bool:
-        return self.groups is not None
+        self.tp_group = model.tp_group
 
     @torch.no_grad()
     def forward_values(self, batch: dict[str, torch.Tensor], objective, micro_batch_tokens: int):
-        if self.groups is None:
-            return self.model.forward_values(batch, objective, micro_batch_tokens)
         g, me = self.groups, dist.get_rank()
         announced: list = [None] * dist.get_world_size()
         finger = zlib.crc32(batch["tokens"].cpu().numpy().tobytes())

@@ -100,7 +100,7 @@ def _optimizers(optimizer) -> list:
 
 class TrainerMemory:
     """What a trainable megatron policy gives back while an engine generates: its DDP grad buffers and its optimizer
-    state. ``policy``: a ``MegatronPolicy`` with an optimizer (frozen models have nothing to give back)."""
+    state. ``policy``: a ``policy.trainer.TrainablePolicy`` (frozen models have nothing to give back)."""
 
     def __init__(self, policy):
         if getattr(policy, "optimizer", None) is None:

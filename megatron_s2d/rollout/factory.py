@@ -1,7 +1,7 @@
 """Build the rollout engine for a model, from explicit arguments (no stage object reaches down here).
 
-    engine = make_engine("vllm", policy, ckpt_dir=..., work_dir=..., stop_ids=(7,), pad_id=0, vllm=cfg, seed=1,
-                         trainer=policy, max_model_len=1024 + 8192)
+    engine = make_engine("vllm", loaded, dp_rank=r, work_dir=..., stop_ids=(7,), pad_id=0, vllm=cfg, seed=1,
+                         trainer=policy, max_model_len=1024 + 8192)      # loaded: policy.load.LoadedModel
     samples = engine.generate(prompts, params); ...train...; engine.sync_weights(policy)   # refit at the next generate
 
 Every engine comes wrapped in ``colocation.ColocatedEngine``: the memory phases around each generation (the trainer's
@@ -29,68 +29,60 @@ import torch.distributed as dist
 from megatron_s2d.errors import InternalError
 
 
-def make_engine(engine: str, model, *, ckpt_dir: Path, work_dir: Path, stop_ids: tuple[int, ...], pad_id: int,
+def make_sampler(model, *, stop_ids: tuple[int, ...], pad_id: int, max_batch_tokens: int | str = "auto"):
+    """The KV-cached megatron sampler on ``model`` (a ``policy.model.MegatronModel``, at any layout): the one place
+    that builds it for a stage, an evaluation or ``s2d eval``."""
+    from megatron_s2d.rollout.megatron_sampler import MegatronSampler
+
+    return MegatronSampler(model.module, model.arch, tp_group=model.tp_group, eos_token_ids=list(stop_ids),
+                           pad_token_id=pad_id, max_batch_tokens=max_batch_tokens)
+
+
+def make_engine(engine: str, loaded, *, dp_rank: int, work_dir: Path, stop_ids: tuple[int, ...], pad_id: int,
                 vllm=None, seed: int = 0, shield=contextlib.nullcontext, trainer=None, max_model_len: int | None = None,
                 gpu_memory_utilization: float | None = None, trace: list[str] | None = None,
                 max_batch_tokens: int | str = "auto"):
-    """The rollout engine generating with ``model`` (a ``MegatronPolicy`` or ``FrozenScorer``) whose weights were
-    loaded from ``ckpt_dir``, as a ``colocation.ColocatedEngine``. ``shield``: a context manager to start child
-    processes in (preemption signals). ``trainer``: the job's trainable policy (the model itself, or the student
-    while a teacher generates): its grads and optimizer state leave the device while the engine generates.
-    ``max_model_len``: the longest prompt + response (vLLM checks at start-up that one such sequence fits its KV
-    cache; None: the model's max_position_embeddings). ``gpu_memory_utilization``: vLLM's share of the GPU
+    """The rollout engine generating with ``loaded.model`` (``policy.load.LoadedModel``: the policy's model, or a
+    frozen teacher at its own layout; its config is read from ``loaded.path``), as a ``colocation.ColocatedEngine``.
+    ``dp_rank``: this rank's data-parallel rank in the job (whose prompts it asks for). ``shield``: a context manager
+    to start child processes in (preemption signals). ``trainer``: the job's ``TrainablePolicy`` (the model itself,
+    or the student while a teacher generates): its grads and optimizer state leave the device while the engine
+    generates. ``max_model_len``: the longest prompt + response (vLLM checks at start-up that one such sequence fits
+    its KV cache; None: the model's max_position_embeddings). ``gpu_memory_utilization``: vLLM's share of the GPU
     (``models.memory.vllm_memory_fraction``; None: vLLM's default). ``trace``: a list the memory phases are appended
     to (tests). ``max_batch_tokens``: the megatron sampler's KV budget per chunk (the plan's
     ``rollout.max_batch_tokens``; "auto": sized from free GPU memory)."""
     from megatron_s2d.rollout.colocation import ColocatedEngine, TrainerMemory, note, offloaded
-    from megatron_s2d.rollout.megatron_sampler import MegatronSampler
     from megatron_s2d.rollout.routed import RoutedEngine
 
     memory = TrainerMemory(trainer) if trainer is not None else None
-    groups = getattr(model, "groups", None)  # a frozen model at a layout of its own
+    model, groups = loaded.model, loaded.groups
     if engine == "megatron":
-        out = MegatronSampler(model.module, model.arch, eos_token_ids=list(stop_ids), pad_token_id=pad_id,
-                              max_batch_tokens=max_batch_tokens)
-        out = RoutedEngine(out, groups, model.stage_dp_rank) if groups is not None else out
+        out = make_sampler(model, stop_ids=stop_ids, pad_id=pad_id, max_batch_tokens=max_batch_tokens)
+        out = out if groups.is_global else RoutedEngine(out, groups, dp_rank)
         return ColocatedEngine(out, trainer=memory, trace=trace)
     if engine != "vllm":
         raise InternalError(f"make_engine: unknown engine {engine!r} (the stage resolves 'auto')")
     from megatron_s2d.rollout.sharded_refit import GenerationLayout
 
-    layout = GenerationLayout(tp=vllm.tp or _model_tp(model), world=dist.get_world_size(), rank=dist.get_rank())
+    layout = GenerationLayout(tp=vllm.tp or groups.tp, world=dist.get_world_size(), rank=dist.get_rank())
     # vLLM sizes its KV cache from the memory free at start-up and refuses to start below its share
     # (v1/worker/utils.py:716-772): start it as every later wake-up finds the device, the trainer offloaded
     with offloaded(memory, trace):
         with shield():
-            out = _vllm_engine(model, layout, ckpt_dir, work_dir, stop_ids, vllm, seed, max_model_len,
+            out = _vllm_engine(loaded.path, layout, work_dir, stop_ids, vllm, seed, max_model_len,
                                gpu_memory_utilization)
         note(trace, "start")
         out.sleep()  # until the first generation wakes it and refits (its weights are dummy until then)
         note(trace, "sleep")
-    dp_rank = model.stage_dp_rank if groups is not None else _dp_rank()
-    generator = out
-    if groups is not None or not _replicas_are_dp_groups(layout, model):
-        generator = RoutedEngine(out, layout, dp_rank)
+    # vLLM replica r is the model's data-parallel group r on every rank (each rank generates its own group's
+    # prompts, no routing) only at the job's own layout, the same tp and no pipeline stages
+    own_groups = groups.is_global and layout.tp == groups.tp and groups.pp == 1
+    generator = out if own_groups else RoutedEngine(out, layout, dp_rank)
     return ColocatedEngine(generator, vllm=out, trainer=memory, source=model, trace=trace)
 
 
-def _model_tp(model) -> int:
-    return dist.get_world_size(model.tp_group)
-
-
-def _dp_rank() -> int:
-    from megatron_s2d.runtime.dist import dist_info
-
-    return dist_info().dp_rank
-
-
-def _replicas_are_dp_groups(layout, model) -> bool:
-    """Whether vLLM replica r is exactly the trainer's data-parallel group r on every rank (then each rank generates
-    its own group's prompts, no routing): the same tp, no pipeline stages."""
-    return layout.tp == _model_tp(model) and model.pp_size == 1
-
-
-def _vllm_engine(model, layout, ckpt_dir: Path, work_dir: Path, stop_ids, vllm, seed: int, max_model_len: int | None,
+def _vllm_engine(ckpt_dir: Path, layout, work_dir: Path, stop_ids, vllm, seed: int, max_model_len: int | None,
                  gpu_memory_utilization: float | None):
     from megatron_s2d.checkpoint.model_ckpt import read_model_meta
     from megatron_s2d.models import llama, qwen3

@@ -18,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from megatron_s2d.config import PlanConfig, to_dict
-from megatron_s2d.config.kinds import reads_solutions
 from megatron_s2d.config.schema import ModelConfig
 from megatron_s2d.config.validate import context_errors
 from megatron_s2d.errors import S2DError
@@ -121,7 +120,7 @@ def check_inputs(plan: PlanConfig) -> None:
     (``config.validate.context_errors``), and every data source exists and parses (``data.sources.check_source``).
     The dry run makes the same checks (``launch.checks.check_jobs``)."""
     errors = context_errors(plan, model_contexts(plan)) + data_source_errors(plan.data)
-    errors += solution_errors(plan.data.pool, [s.name for s in plan.stages if reads_solutions(s)])
+    errors += solution_errors(plan.data.pool, [s.name for s in plan.stages if s.reads_solutions()])
     if errors:
         raise S2DError(f"plan {plan.name!r}: " + "; ".join(errors))
 

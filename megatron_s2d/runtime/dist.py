@@ -173,3 +173,11 @@ def all_ranks_agree(flag: bool, group=None) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
     return t.item() > 0
+
+
+def all_reduce_sum(values: list[float], group=None) -> list[float]:
+    """Sum a few Python numbers over ``group`` (float64 on the communication device; one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(t, group=group)
+    return t.tolist()

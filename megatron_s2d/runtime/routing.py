@@ -3,7 +3,7 @@
 A frozen teacher at TP8 next to a student at TP1 spans eight student data-parallel ranks per teacher replica, each
 rank with its own rows. :class:`Routing` decides, identically on every rank (from all-gathered announcements), which
 replica handles which rows: the rows of all stage DP ranks, in (dp rank, row) order, are cut into contiguous pieces
-of about equal weight (tokens), one per replica. ``policy.scorer.FrozenScorer`` (scoring) and
+of about equal weight (tokens), one per replica. ``policy.scorer.RoutedScorer`` (scoring) and
 ``rollout.routed.RoutedEngine`` (generation) both route through it.
 """
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
 
 @dataclass(frozen=True)
 class StepCounters:
@@ -26,13 +24,10 @@ class StepCounters:
     trained_sequences: float = 0.0  # sequences that reached the loss (after dynamic sampling)
 
     def all_reduce(self, group) -> "StepCounters":
-        from megatron_s2d.runtime.dist import comm_device
+        from megatron_s2d.runtime.dist import all_reduce_sum
 
         names = [f.name for f in dataclasses.fields(self)]
-        t = torch.tensor([getattr(self, n) for n in names], dtype=torch.float64, device=comm_device())
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-            torch.distributed.all_reduce(t, group=group)
-        return StepCounters(**dict(zip(names, t.tolist())))
+        return StepCounters(**dict(zip(names, all_reduce_sum([getattr(self, n) for n in names], group))))
 
 
 @dataclass

@@ -9,7 +9,6 @@ or a crash (:class:`~megatron_s2d.errors.InternalError` states the invariant tha
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -40,13 +39,11 @@ def run_base_eval(plan) -> None:
     """avg@k of the base teacher and student, each at its own layout (a 70B teacher at TP8 PP2, a student at TP1)."""
     import torch
 
-    from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
     from megatron_s2d.config.schema import RolloutConfig
     from megatron_s2d.eval.runner import DataParallel
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
-    from megatron_s2d.rollout.megatron_sampler import MegatronSampler
+    from megatron_s2d.policy.load import load_model
+    from megatron_s2d.rollout.factory import make_sampler
     from megatron_s2d.runtime.dist import data_parallel_group, init_distributed
-    from megatron_s2d.checkpoint.assets import ModelAssets
     from megatron_s2d.stages.job import plan_evaluator
     from megatron_s2d.stages.layout import BASE_EVAL, RunLayout
 
@@ -55,18 +52,17 @@ def run_base_eval(plan) -> None:
     out = {}
     for role in ("teacher", "student"):
         info = init_distributed(plan.models[role].tp, plan.models[role].pp, seed=plan.seed)
-        assets = ModelAssets.load(layout.base_model(role))
-        model = MegatronPolicy(assets.arch, plan.models[role], optim=None, seed=plan.seed, initialize=False)
-        load_model_checkpoint(model.module, assets.path)
+        loaded = load_model(layout.base_model(role), plan.models[role], seed=plan.seed)
+        assets = loaded.assets
         # the base evaluation belongs to no stage: the schema's KV budget ("auto": sized from free GPU memory)
-        engine = MegatronSampler(model.module, assets.arch, eos_token_ids=list(assets.stop_ids),
-                                 pad_token_id=assets.pad_id, max_batch_tokens=RolloutConfig().max_batch_tokens)
+        engine = make_sampler(loaded.model, stop_ids=assets.stop_ids, pad_id=assets.pad_id,
+                              max_batch_tokens=RolloutConfig().max_batch_tokens)
         log = (lambda m: print(f"[base_eval] {m}", flush=True)) if info.is_main else None
         results = evaluator.evaluate(engine, assets.tokenizer, assets.stop_ids, label=f"{role}_base", log=log,
                                      dp=DataParallel(info.dp_rank, info.dp, data_parallel_group()),
                                      show_progress=info.is_main)
         out[f"{role}_base"] = {"label": f"{role}_base", "results": results}
-        del model, engine
+        del loaded, engine
     if torch.distributed.get_rank() == 0:
         d = layout.stage(BASE_EVAL)
         d.mkdir(parents=True, exist_ok=True)
@@ -79,20 +75,28 @@ def warm_reward_pool(plan, name: str, handler) -> bool:
     (``config.kinds.consumes_labels``: GRPO, OPD with a task reward); a stage that reads no labels starts none (its
     evaluation, if any, starts them when it grades), nor does a plan graded by ``hendrycks_boxed`` (graded in
     process). Returns whether it started them."""
-    from megatron_s2d.config.kinds import consumes_labels
     from megatron_s2d.rewards.pool import get_pool
 
     stage = next((s for s in plan.stages if s.name == name), None)
-    if stage is None or not consumes_labels(stage) or plan.grader != "math_verify":
+    if stage is None or not stage.consumes_labels() or plan.grader != "math_verify":
         return False
     with handler.shield_children():  # reward workers must not die of the SIGUSR1 meant for us
         get_pool().warm_up(2)
     return True
 
 
+def loop_of(stage):
+    """The stage loop of a stage's kind, registered by its config class: ``loop(job) -> preempted``."""
+    from megatron_s2d.config.schema import GRPOStageConfig, OPDStageConfig, TeacherSFTStageConfig, WarmupStageConfig
+    from megatron_s2d.stages import fkl_warmup, grpo, opd, teacher_sft
+
+    loops = {GRPOStageConfig: grpo.run, WarmupStageConfig: fkl_warmup.run, OPDStageConfig: opd.run,
+             TeacherSFTStageConfig: teacher_sft.run}
+    return loops[type(stage)]
+
+
 def run_stage(plan, name: str) -> int:
     """Run (or resume) one stage; returns the process exit code."""
-    from megatron_s2d.config.kinds import kind_of
     from megatron_s2d.runtime.preemption import PreemptionHandler
     from megatron_s2d.stages.job import StageJob
     from megatron_s2d.stages.layout import RunLayout
@@ -107,13 +111,25 @@ def run_stage(plan, name: str) -> int:
             check_drift(plan, by_name[name], recorded)
         print(f"[{name}] already complete; skipping", flush=True)
         return 0
+    stage = next((s for s in plan.stages if s.name == name), None)
+    bridge = None
+    if stage is not None and stage.generates() and stage.rollout.placement == "separate":
+        from megatron_s2d.runtime.bridge import GENERATE, split_world
+
+        # generation ranks of their own (rollout.remote): the last generation_ranks ranks serve the trainers
+        bridge = split_world(stage.rollout.generation_ranks, stage.rollout.sync_timeout_s)
+        if bridge.role == GENERATE:
+            from megatron_s2d.rollout.remote import serve
+
+            return serve(bridge, seed=plan.seed)
     handler = PreemptionHandler().install()
     warm_reward_pool(plan, name, handler)
-    job = StageJob(plan, name, preemption=handler)
-    module, func = kind_of(job.stage).loop.split(":")
-    loop = getattr(importlib.import_module(module), func)
-    with job.exclusive():
-        preempted = loop(job)
+    job = StageJob(plan, name, preemption=handler, bridge=bridge)
+    try:
+        with job.exclusive():
+            preempted = loop_of(job.stage)(job)
+    finally:
+        job.close_engines()
     if preempted:
         return handler.finish(rank=job.dist.rank, distributed=True)
     handler.uninstall()

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from megatron_s2d.policy.objectives import ForwardKLLoss
 from megatron_s2d.errors import S2DError
-from megatron_s2d.rollout import sample_store
 from megatron_s2d.rollout.batch import flatten, to_batch
+from megatron_s2d.stages import sample_cache
 from megatron_s2d.stages.counters import StepCounters
 from megatron_s2d.stages.steps import response_tokens, rollout_metrics
 
@@ -62,29 +60,24 @@ def teacher_samples(job, policy) -> list[list]:
     messages when the teacher's generation is routed across the job), or loaded from the stage's cache. The student
     ``policy``'s grads and optimizer state stay off the device while the teacher generates (one generation phase
     for all steps: nothing trains in between, so the engine is woken and refit once)."""
-    from megatron_s2d.runtime.dist import all_ranks_agree, is_dp_writer
-
     st, wu = job.stage, job.stage.warmup
     path = job.store.dir / "teacher_cache" / f"dp_rank_{job.dist.dp_rank:05d}"
     provenance = cache_provenance(job)
-    cached = None
-    if all_ranks_agree(sample_store.exists(path)):  # generating is collective over the whole job: all ranks or none
-        try:
-            made_with = sample_store.read_provenance(path)
-            if made_with != provenance:
-                raise S2DError(f"{path}: made with other settings ({_provenance_diff(made_with, provenance)})")
-            cached = sample_store.load_samples(path)
-            if len(cached) < st.steps:
-                raise S2DError(f"{path}: {len(cached)} steps cached, the stage runs {st.steps}")
-        except S2DError as e:  # corrupt, planted, or from a shorter run: regenerate, on every rank
-            print(f"[{st.name}] rank {job.dist.rank}: teacher cache not used ({e}); regenerating", flush=True)
-            cached = None
-    if all_ranks_agree(cached is not None):
+
+    def accept(samples, made_with):
+        if made_with != provenance:
+            raise S2DError(f"made with other settings ({_provenance_diff(made_with, provenance)})")
+        if len(samples) < st.steps:
+            raise S2DError(f"{len(samples)} steps cached, the stage runs {st.steps}")
+
+    cached = sample_cache.load(path, accept, log=lambda m: print(f"[{st.name}] rank {job.dist.rank}: {m}", flush=True),
+                               what="teacher cache")
+    if cached is not None:
         job.log(f"teacher rollouts: cached {path}")
-        return cached
+        return cached[0]
     teacher = job.load_teacher()
-    engine = job.make_engine(teacher, trainer=policy)
     topk = wu.topk if wu.mode == "topk" else 0
+    engine = job.make_engine(teacher, trainer=policy, n=wu.teacher_samples_per_prompt, topk=topk, salt=1)
     t0, per_step, tokens, gen_s = time.perf_counter(), [], 0.0, 0.0
     with engine.generation():
         for step in range(st.steps):
@@ -95,9 +88,7 @@ def teacher_samples(job, policy) -> list[list]:
             tokens, gen_s = tokens + result.metrics["generated_tokens"], gen_s + result.metrics["time_s"]
     job.log(f"teacher rollouts: {sum(map(len, per_step))} samples, {tokens:.0f} tokens in "
             f"{time.perf_counter() - t0:.1f}s ({tokens / max(gen_s, 1e-9):.0f} tok/s generating)")
-    if is_dp_writer():  # one rank per data-parallel group writes (the others hold identical samples)
-        sample_store.save_samples(path, per_step, provenance)
-    torch.distributed.barrier()
+    sample_cache.save(path, per_step, provenance)
     engine.close()  # vLLM's pool goes back to the device before the student trains (VLLMEngine.close)
     return per_step
 

@@ -30,7 +30,7 @@ def grpo_loss(st) -> PolicyGradientLoss:
     return PolicyGradientLoss(temperature=st.rollout.temperature, eps_low=st.clip.eps_low, eps_high=st.clip.eps_high,
                               loss_agg=g.loss_agg, kl_beta=g.kl_beta, kl_clamp=g.kl_clamp,
                               dual_clip_c=st.clip.dual_clip_c or None,  # clip.dual_clip_c 0: off
-                              correction=correction(st.rollout_correction))
+                              correction=correction(st.rollout_correction, st.rollout.max_staleness))
 
 
 def run(job) -> bool:
@@ -39,7 +39,7 @@ def run(job) -> bool:
     temp, n = st.rollout.temperature, st.samples_per_prompt
     policy, state = job.load_policy()
     reference = job.load_reference() if g.kl_beta > 0 else None
-    engine = job.make_engine(policy)
+    engine = job.make_engine(job.policy_model, trainer=policy, n=n, start_step=state.step)
     loss = grpo_loss(st)
     for step in range(state.step, st.steps):
         t0 = time.perf_counter()

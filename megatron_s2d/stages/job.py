@@ -6,8 +6,9 @@
     job.assets     ModelAssets    tokenizer, stop and pad ids of the stage's starting checkpoint
     job.evaluator  Evaluator      avg@k of the final policy on the plan's eval sets
     policy, state = job.load_policy()            # trainable, from the parent (or resumed); ``Policy`` interface
-    teacher = job.load_teacher()                 # frozen, at the teacher's own layout; ``Scorer`` interface
-    engine = job.make_engine(policy)             # the stage's rollout engine, memory phases included (rollout.colocation)
+    teacher = job.load_teacher()                 # frozen, at the teacher's own layout (``policy.load.LoadedModel``)
+    scorer = teacher.scorer(job.dist.dp_rank)    # ... serving this rank's rows: ``Scorer`` interface
+    engine = job.make_engine(job.policy_model, trainer=policy)   # rollouts, memory phases included (rollout.colocation)
     stop = job.end_step(step, policy, state, counters, metrics, t0)   # ledger, log, checkpoint, preemption
     job.finish(policy, state)                    # final checkpoint, evaluation, lineage, COMPLETE
 
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 from megatron_s2d.config import PlanConfig
-from megatron_s2d.config.kinds import kind_of
 from megatron_s2d.config.validate import engine_for, split_parts, vllm_tp
 from megatron_s2d.data.prompts import encode_prompt
 from megatron_s2d.data.split_store import read_split
@@ -37,8 +38,12 @@ from megatron_s2d.stages.layout import RunLayout
 from megatron_s2d.stages.prompts import PromptStream, StepPrompts
 from megatron_s2d.stages.store import RunStore
 
-LOGGED = ("reward_mean", "kl_mean", "reverse_kl_mean", "clip_frac", "entropy_mean", "response_len_mean",
-          "truncation_rate", "zero_variance_frac", "logprob_mismatch_mean", "nll_mean")
+if TYPE_CHECKING:
+    from megatron_s2d.policy.interface import Policy, Scorer
+    from megatron_s2d.policy.load import LoadedModel
+
+LOGGED = ("reward_mean", "pg_loss_mean", "kl_mean", "reverse_kl_mean", "clip_frac", "entropy_mean",
+          "response_len_mean", "truncation_rate", "zero_variance_frac", "logprob_mismatch_mean", "nll_mean")
 
 
 def plan_evaluator(plan: PlanConfig, log=print) -> Evaluator:
@@ -50,23 +55,26 @@ def plan_evaluator(plan: PlanConfig, log=print) -> Evaluator:
                      graders=(plan.grader,), top_k=ev.top_k)
 
 
-def trainable_policy(arch, model_cfg, stage, seed: int):
-    """The stage's trainable policy (random weights until loaded): its optimizer, its LR schedule over the stage's
-    ``steps x updates_per_step`` optimizer updates, its micro-batch budget."""
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+def trainable_policy(model, stage):
+    """The stage's trainable policy over ``model`` (a ``policy.model.MegatronModel`` whose weights are loaded: the
+    optimizer copies them): its optimizer, its LR schedule over the stage's ``steps x updates_per_step`` optimizer
+    updates."""
+    from megatron_s2d.policy.trainer import TrainablePolicy
 
-    return MegatronPolicy(arch, model_cfg, stage.optim, total_updates=stage.steps * stage.updates_per_step, seed=seed,
-                          micro_batch_tokens=stage.micro_batch_tokens)
+    return TrainablePolicy(model, stage.optim, total_updates=stage.steps * stage.updates_per_step)
 
 
 class StageJob:
-    def __init__(self, plan: PlanConfig, stage_name: str, preemption=None):
+    def __init__(self, plan: PlanConfig, stage_name: str, preemption=None, bridge=None):
         by_name = {s.name: s for s in plan.stages}
         if stage_name not in by_name:
             raise S2DError(f"stage {stage_name!r} is not in the plan; stages: {sorted(by_name)}")
-        self.plan, self.stage, self.kind = plan, by_name[stage_name], kind_of(by_name[stage_name])
-        self.role = self.kind.trains
+        self.plan, self.stage = plan, by_name[stage_name]
+        self.role = self.stage.trains
         self.preemption = preemption
+        self.bridge = bridge  # runtime.bridge.Bridge: rollout.placement separate (this job is the trainer side)
+        self._engines: list = []  # engines on generation ranks of their own: told to stop when the job ends
+        self.resumed_from = None  # the training checkpoint load_policy resumed from
         mcfg = plan.models[self.role]
         self.dist: DistInfo = init_distributed(mcfg.tp, mcfg.pp, seed=plan.seed)
         self.layout = RunLayout.of(plan.run_dir)
@@ -93,22 +101,29 @@ class StageJob:
             yield
 
     # ------------------------------------------------------------------------------------------ models
-    def load_policy(self):
+    def load_policy(self) -> "tuple[Policy, StageState]":
         """The trainable policy with its stage state: resumed from the stage's latest checkpoint if there is one,
-        else initialised from the parent stage's final checkpoint (or the base model)."""
-        from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
+        else initialised from the parent stage's final checkpoint (or the base model). ``self.policy_model`` is the
+        ``LoadedModel`` under it (what ``make_engine`` generates with)."""
         from megatron_s2d.checkpoint.train_ckpt import load_train_checkpoint, resume_checkpoint
+        from megatron_s2d.policy.load import load_model
 
-        policy = trainable_policy(self.assets.arch, self.plan.models[self.role], self.stage, self.plan.seed)
         state = StageState()
         resume = resume_checkpoint(self.store.checkpoints, log=self.log)
         if resume is not None:
             self._check_resume_config(resume)
+        # fresh: the parent's weights, loaded before the optimizer is built (its fp32 main params copy them);
+        # resumed: the checkpoint restores weights and optimizer together
+        self.policy_model = load_model(self.init_dir, self.plan.models[self.role], assets=self.assets,
+                                       micro_batch_tokens=self.stage.micro_batch_tokens, seed=self.plan.seed,
+                                       weights=resume is None)
+        policy = trainable_policy(self.policy_model.model, self.stage)
+        if resume is not None:
             state = RunStore.restored(load_train_checkpoint(policy, resume))
+            self.resumed_from = resume
             self.log(f"resumed from {resume} at step {state.step}")
         else:
             self.store.start_fresh()
-            load_model_checkpoint(policy.module, self.init_dir)
         self.store.metrics.truncate(state.step)
         return policy, state
 
@@ -127,51 +142,51 @@ class StageJob:
         if self.dist.is_main:
             record_neutral_changes(self.layout, self.stage, neutral, trainer_state["step"], log=self.log)
 
-    def load_frozen(self, ref: str | None, role: str):
+    def load_frozen(self, ref: str | None, role: str) -> "LoadedModel":
         """A frozen model (teacher or reference) from a stage's final checkpoint or the base, at the role's own
-        TP/PP layout (``models.<role>.tp/pp``; see ``policy.scorer`` for how rows are routed)."""
-        from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint
-        from megatron_s2d.policy.megatron_policy import MegatronPolicy
-        from megatron_s2d.policy.scorer import FrozenScorer
+        TP/PP layout (``models.<role>.tp/pp``); ``.scorer(dp_rank)`` serves this rank's rows (``policy.scorer``)."""
+        from megatron_s2d.policy.load import load_model
         from megatron_s2d.runtime.groups import model_groups
 
         path = self.store.checkpoint_of(ref, role)
         assets = ModelAssets.load(path)
         self.assets.check_same_tokenizer(assets)
         mcfg = self.plan.models[role]
-        groups = model_groups(mcfg.tp, mcfg.pp)
-        model = MegatronPolicy(assets.arch, mcfg, optim=None, seed=self.plan.seed, groups=groups, initialize=False,
-                               micro_batch_tokens=self.stage.micro_batch_tokens)
-        load_model_checkpoint(model.module, path)
-        if not groups.is_global:
-            self.log(f"{role} scorer at its own layout tp={mcfg.tp} pp={mcfg.pp} ({groups.dp} replicas) next to the "
+        loaded = load_model(path, mcfg, groups=model_groups(mcfg.tp, mcfg.pp), assets=assets, seed=self.plan.seed,
+                            micro_batch_tokens=self.stage.micro_batch_tokens)
+        if not loaded.groups.is_global:
+            self.log(f"{role} at its own layout tp={mcfg.tp} pp={mcfg.pp} ({loaded.groups.dp} replicas) next to the "
                      f"{self.role} at tp={self.dist.tp} pp={self.dist.pp} (dp={self.dist.dp})")
-        scorer = FrozenScorer(model, self.dist.dp_rank)
-        scorer.checkpoint = path
-        return scorer
+        return loaded
 
-    def load_teacher(self):
+    def load_teacher(self) -> "LoadedModel":
         return self.load_frozen(self.stage.teacher, "teacher")
 
-    def load_reference(self):
-        """The frozen starting point of the policy (GRPO's KL reference)."""
-        return self.load_frozen(self.stage.init, self.role)
+    def load_reference(self) -> "Scorer":
+        """The frozen starting point of the policy (GRPO's KL reference), at the job's layout."""
+        return self.load_frozen(self.stage.init, self.role).scorer(self.dist.dp_rank)
 
-    def make_engine(self, model, trainer=None):
-        """The stage's rollout engine generating with ``model`` (the policy, or a frozen teacher), with the memory
-        phases of ``rollout.colocation`` around each generation: ``trainer`` (default ``model``, when it trains) is
-        the policy whose grads and optimizer state leave the device meanwhile."""
+    def make_engine(self, loaded: "LoadedModel", trainer=None, *, n: int = 1, topk: int = 0, salt: int = 0,
+                    start_step: int = 0):
+        """The stage's rollout engine generating with ``loaded`` (``self.policy_model``, or a frozen teacher), with
+        the memory phases of ``rollout.colocation`` around each generation: ``trainer`` (the ``TrainablePolicy``) is
+        the policy whose grads and optimizer state leave the device meanwhile. ``n``, ``topk``, ``salt``: what every
+        step asks for (:meth:`sampling`), from ``start_step`` on: an engine on generation ranks of their own
+        (``rollout.placement: separate``) runs ahead on them (``rollout.remote``)."""
         from megatron_s2d.models.memory import max_model_len
         from megatron_s2d.rollout.factory import make_engine
+
+        if self.bridge is not None:
+            engine = self._remote_engine(loaded, trainer, n, topk, salt, start_step)
+            self._engines.append(engine)
+            return engine
 
         shield = self.preemption.shield_children if self.preemption is not None else contextlib.nullcontext
         engine = engine_for(self.stage.rollout)
         self.log(f"rollouts on {engine}" + (f" (vLLM tp={vllm_tp(self.plan, self.stage)}, colocated)"
                                             if engine == "vllm" else ""))
-        if trainer is None and getattr(model, "optimizer", None) is not None:
-            trainer = model
-        return make_engine(engine, model, ckpt_dir=getattr(model, "checkpoint", self.init_dir),
-                           work_dir=self.store.dir, stop_ids=self.assets.stop_ids, pad_id=self.assets.pad_id,
+        return make_engine(engine, loaded, dp_rank=self.dist.dp_rank, work_dir=self.store.dir,
+                           stop_ids=self.assets.stop_ids, pad_id=self.assets.pad_id,
                            vllm=self.stage.rollout.vllm, seed=self.plan.seed, shield=shield, trainer=trainer,
                            max_model_len=max_model_len(self.plan, self.stage.rollout.max_new_tokens),
                            gpu_memory_utilization=self._vllm_fraction() if engine == "vllm" else None,
@@ -184,13 +199,35 @@ class StageJob:
 
         if not torch.cuda.is_available():
             return None
-        from megatron_s2d.config.kinds import models_of
         from megatron_s2d.models.memory import vllm_memory_fraction
 
         archs = {role: self.assets.arch if role == self.role else
                  ModelAssets.load(self.store.checkpoint_of(self.stage.teacher, role)).arch
-                 for role in models_of(self.stage)}
+                 for role in self.stage.models()}
         return vllm_memory_fraction(self.plan, self.stage, archs, torch.cuda.mem_get_info()[1] / 2**30)
+
+    def _remote_engine(self, loaded, trainer, n: int, topk: int, salt: int, start_step: int):
+        from megatron_s2d.rollout.remote import make_remote_engine
+
+        def lookahead(step: int):  # what step ``step`` asks for: the stage's prompt stream is a function of the step
+            prompts = self.prompts.step(step, self.stage.prompts_per_step)
+            return prompts.prompt_ids, self.sampling(prompts, n, topk=topk, salt=salt)
+
+        frozen = trainer is None or loaded.model is not trainer.base  # a teacher generates: nothing to push
+        engine = make_remote_engine(
+            self.bridge, loaded, trainer=None if frozen else trainer, gen_cfg=self.plan.models[self.stage.samples_from],
+            trainer_layout=(self.dist.tp, self.dist.pp), dp_rank=self.dist.dp_rank, stop_ids=self.assets.stop_ids,
+            pad_id=self.assets.pad_id, rollout=self.stage.rollout, lookahead=lookahead, start_step=start_step,
+            end_step=self.stage.steps, resumed_from=None if frozen else self.resumed_from)
+        self.log(f"rollouts on {len(self.bridge.generators)} generation ranks of their own (megatron sampler), "
+                 f"{len(self.bridge.trainers)} ranks train; max_staleness={self.stage.rollout.max_staleness}")
+        return engine
+
+    def close_engines(self) -> None:
+        """Stop the generation ranks (their server exits), whatever way the loop ended."""
+        for engine in self._engines:
+            engine.close()
+        self._engines.clear()
 
     # ------------------------------------------------------------------------------------------ a step
     def sampling(self, prompts: StepPrompts, n: int, topk: int = 0, salt: int = 0) -> SamplingParams:
@@ -204,7 +241,10 @@ class StageJob:
         """Ledger, metrics line, periodic checkpoint; True when the job must stop now (preempted: saved)."""
         state.step = step + 1
         state.ledger.add(counters)
-        state.ledger.wall_time_s += time.perf_counter() - t0
+        # the job's wall time so far (loading, the step, anything between steps), once: finish adds the rest
+        now = time.perf_counter()
+        state.ledger.wall_time_s += now - self.started
+        self.started = now
         metrics = dict(metrics, step_time_s=time.perf_counter() - t0)
         line = self.store.metrics.append(step, metrics)
         shown = " ".join(f"{k}={line[k]:.4g}" for k in LOGGED if k in line)
@@ -218,7 +258,10 @@ class StageJob:
 
     def save(self, policy, state: StageState):
         self.memory_trace.append("save")  # the engine is asleep here: it sleeps at the end of every generation
-        return self.store.save(policy, state, self.assets, {"tp": self.dist.tp, "pp": self.dist.pp})
+        extra = {}
+        for engine in self._engines:  # generation ranks of their own: the rollouts they made ahead (rollout.remote)
+            extra.update(engine.checkpoint_files())
+        return self.store.save(policy, state, self.assets, {"tp": self.dist.tp, "pp": self.dist.pp}, extra)
 
     def finish(self, policy, state: StageState) -> None:
         """Final checkpoint, evaluation, lineage, then the COMPLETE marker (written last)."""
@@ -241,16 +284,15 @@ class StageJob:
         torch.distributed.barrier()
         self.log(f"complete: {final}")
 
-    def evaluate(self, model, label: str) -> dict:
-        """avg@k of ``model`` on the megatron sampler, as one generation phase (a trained policy's grads and
-        optimizer state off the device meanwhile: the sampler's KV cache gets that memory)."""
+    def evaluate(self, policy, label: str) -> dict:
+        """avg@k of the trained ``policy`` on the megatron sampler, as one generation phase (its grads and optimizer
+        state off the device meanwhile: the sampler's KV cache gets that memory)."""
         from megatron_s2d.rollout.colocation import ColocatedEngine, TrainerMemory
-        from megatron_s2d.rollout.megatron_sampler import MegatronSampler
+        from megatron_s2d.rollout.factory import make_sampler
 
-        sampler = MegatronSampler(model.module, model.arch, eos_token_ids=list(self.assets.stop_ids),
-                                  pad_token_id=self.assets.pad_id, max_batch_tokens=self.stage.rollout.max_batch_tokens)
-        trainer = TrainerMemory(model) if getattr(model, "optimizer", None) is not None else None
-        engine = ColocatedEngine(sampler, trainer=trainer, trace=self.memory_trace)
+        sampler = make_sampler(policy, stop_ids=self.assets.stop_ids, pad_id=self.assets.pad_id,
+                               max_batch_tokens=self.stage.rollout.max_batch_tokens)
+        engine = ColocatedEngine(sampler, trainer=TrainerMemory(policy), trace=self.memory_trace)
         self.log(f"evaluating {label}: avg@{self.plan.eval.k} on {', '.join(n for n, _ in self.evaluator.sets)}")
         self.memory_trace.append("eval")
         with engine.generation():

@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from megatron_s2d.config.kinds import consumes_labels
 from megatron_s2d.losses import opd_token_advantages
 from megatron_s2d.policy.batch import RolloutBatch
+from megatron_s2d.policy.interface import Scorer
 from megatron_s2d.policy.objectives import PolicyGradientLoss, ReverseKLTopkLoss
 from megatron_s2d.rollout.batch import flatten, to_batch
 from megatron_s2d.stages.counters import StepCounters
@@ -47,7 +47,7 @@ class SampledOPD:
         return PolicyGradientLoss(temperature=self.temperature, eps_low=self.eps_low, eps_high=self.eps_high,
                                   dual_clip_c=self.dual_clip_c, correction=self.correction)
 
-    def targets(self, teacher, batch: RolloutBatch, task_reward) -> tuple[RolloutBatch, "object"]:
+    def targets(self, teacher: Scorer, batch: RolloutBatch, task_reward) -> tuple[RolloutBatch, "object"]:
         teacher_lp = teacher.logprobs(batch, self.temperature)
         adv = opd_token_advantages(teacher_lp, batch.old_logprobs, batch.loss_mask, task_reward,
                                    self.task_reward_coef, group_size=self.group_size)
@@ -64,7 +64,7 @@ class TopkOPD:
     def loss(self):
         return ReverseKLTopkLoss(temperature=self.temperature)
 
-    def targets(self, teacher, batch: RolloutBatch, task_reward) -> tuple[RolloutBatch, "object"]:
+    def targets(self, teacher: Scorer, batch: RolloutBatch, task_reward) -> tuple[RolloutBatch, "object"]:
         scores = teacher.logprobs_at(batch, self.temperature, tail=True)
         return batch.with_(teacher_logprobs_at_ids=scores.at_ids, teacher_log_tail=scores.log_tail), scores.logprobs
 
@@ -76,19 +76,19 @@ def opd_mode(stage):
         return TopkOPD(temperature=temp, topk=o.topk)
     return SampledOPD(temperature=temp, eps_low=stage.clip.eps_low, eps_high=stage.clip.eps_high,
                       task_reward_coef=o.task_reward_coef, group_size=stage.samples_per_prompt,
-                      correction=correction(stage.rollout_correction),
+                      correction=correction(stage.rollout_correction, stage.rollout.max_staleness),
                       dual_clip_c=stage.clip.dual_clip_c or None)  # clip.dual_clip_c 0: off
 
 
 def run(job) -> bool:
     """Returns True when preempted (a checkpoint was saved; the job should exit for requeue)."""
     st = job.stage
-    graded = consumes_labels(st)  # the loss reads the task reward (sampled OPD with a coef): grade, count labels
+    graded = st.consumes_labels()  # the loss reads the task reward (sampled OPD with a coef): grade, count labels
     temp, n = st.rollout.temperature, st.samples_per_prompt
     policy, state = job.load_policy()
-    teacher = job.load_teacher()
-    engine = job.make_engine(policy)
+    teacher = job.load_teacher().scorer(job.dist.dp_rank)
     mode = opd_mode(st)
+    engine = job.make_engine(job.policy_model, trainer=policy, n=n, topk=mode.topk, start_step=state.step)
     loss = mode.loss()
     for step in range(state.step, st.steps):
         t0 = time.perf_counter()

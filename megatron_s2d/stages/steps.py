@@ -77,11 +77,13 @@ def response_tokens(samples: list[Sample]) -> float:
     return float(sum(len(s.response_ids) for s in samples))
 
 
-def correction(cfg) -> RolloutCorrection | None:
-    """The loss's rollout IS correction from the stage's ``rollout_correction`` config (None when off), with the
-    band of its mode: ``low`` / ``high`` (a sequence's geometric-mean ratio) for mis and seq_mask_tis,
-    ``icepop_low`` / ``icepop_high`` (each token's ratio) for icepop."""
-    if cfg.mode == "none":
+def correction(cfg, max_staleness: int = 0) -> RolloutCorrection | None:
+    """The loss's rollout IS correction from a stage's ``rollout_correction`` config (None when off; ``auto``: tis
+    when its generation runs ahead, ``max_staleness`` = ``rollout.max_staleness`` > 0), with the band of its mode:
+    ``low`` / ``high`` (a sequence's geometric-mean ratio) for mis and seq_mask_tis, ``icepop_low`` /
+    ``icepop_high`` (each token's ratio) for icepop."""
+    mode = cfg.resolved(max_staleness)
+    if mode == "none":
         return None
-    low, high = (cfg.icepop_low, cfg.icepop_high) if cfg.mode == "icepop" else (cfg.low, cfg.high)
-    return RolloutCorrection(mode=cfg.mode, tis_cap=cfg.tis_cap, low=low, high=high)
+    low, high = (cfg.icepop_low, cfg.icepop_high) if mode == "icepop" else (cfg.low, cfg.high)
+    return RolloutCorrection(mode=mode, tis_cap=cfg.tis_cap, low=low, high=high)

@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from megatron_s2d.config import PlanConfig, StageBase
-from megatron_s2d.config.kinds import trained_model
 from megatron_s2d.config.validate import ancestors, label_ledger, split_parts
 from megatron_s2d.data.split_store import read_manifests
 from megatron_s2d.errors import S2DError, read_json, read_jsonl
@@ -90,13 +89,15 @@ class RunStore:
         return self.layout.checkpoints(self.stage.name)
 
     # ------------------------------------------------------------------------------------------ writing
-    def save(self, policy, state: StageState, assets, layout: dict[str, int]) -> Path:
+    def save(self, policy, state: StageState, assets, layout: dict[str, int],
+             extra: dict[str, str] | None = None) -> Path:
         """A training checkpoint of ``policy`` at ``state.step`` (collective), with the model metadata, tokenizer and
-        HF extras of ``assets`` so the next stage and ``s2d convert megatron-to-hf`` read it as a model checkpoint."""
+        HF extras of ``assets`` so the next stage and ``s2d convert megatron-to-hf`` read it as a model checkpoint.
+        ``extra``: {file name: text} written into it too (the rollouts in flight: ``rollout.remote``)."""
         from megatron_s2d.checkpoint.model_ckpt import write_model_meta
         from megatron_s2d.checkpoint.train_ckpt import save_train_checkpoint
 
-        role = trained_model(self.stage)
+        role = self.stage.trains
 
         def write_meta(tmp: Path) -> None:
             write_model_meta(tmp, assets.arch, self.plan.models[role].dtype, layout,
@@ -104,6 +105,8 @@ class RunStore:
             for sub in ("tokenizer", "hf_extra"):
                 if (assets.path / sub).is_dir():
                     shutil.copytree(assets.path / sub, tmp / sub)
+            for name, text in (extra or {}).items():
+                (tmp / name).write_text(text)
 
         return save_train_checkpoint(policy, self.checkpoints, state.step,
                                      {"ledger": asdict(state.ledger), "stage": self.stage.name,
@@ -112,11 +115,11 @@ class RunStore:
 
     def lineage(self, final: Path, state: StageState, init_dir: Path) -> dict:
         s, plan = self.stage, self.plan
-        teacher = getattr(s, "teacher", None)
+        teacher = s.teachers()[0] if s.teachers() else None
         record = config_record(plan, s)
         by_name = {x.name: x for x in plan.stages}
         return {
-            "stage": s.name, "kind": s.kind, "control": s.control, "policy_model": trained_model(s),
+            "stage": s.name, "kind": s.kind, "control": s.control, "policy_model": s.trains,
             "parents": {"init": s.init, "init_checkpoint": str(init_dir), "teacher": teacher,
                         "teacher_checkpoint": str(self.checkpoint_of(teacher, "teacher")) if teacher else None},
             "ancestors": ancestors(plan, s.name),

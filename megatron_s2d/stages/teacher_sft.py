@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from megatron_s2d.errors import S2DError
 from megatron_s2d.policy.objectives import ForwardKLLoss
 from megatron_s2d.rewards.extract import last_boxed
-from megatron_s2d.rollout import sample_store
 from megatron_s2d.rollout.base import Sample
 from megatron_s2d.rollout.batch import flatten, to_batch
+from megatron_s2d.stages import sample_cache
 from megatron_s2d.stages.counters import StepCounters
 from megatron_s2d.stages.prompts import StepPrompts
 from megatron_s2d.stages.steps import response_tokens, rollout_metrics, sparse_rewards
@@ -149,23 +147,17 @@ def kept_round(job, engine, rnd: int, first_step: bool) -> tuple[list[list[Sampl
 
 
 def _kept_round(job, engine, rnd: int, first_step: bool) -> tuple[list[list[Sample]], dict]:
-    from megatron_s2d.runtime.dist import all_ranks_agree, is_dp_writer
-
     path = job.store.dir / "sft_samples" / f"round_{rnd:04d}" / f"dp_rank_{job.dist.dp_rank:05d}"
     provenance = cache_provenance(job, rnd)
-    cached = None
-    if all_ranks_agree(sample_store.exists(path)):
-        try:
-            header = sample_store.read_provenance(path) or {}
-            if header.get("made_with") != provenance:
-                raise S2DError(f"{path}: made with other settings")
-            cached = (sample_store.load_samples(path), header["stats"])
-        except S2DError as e:
-            job.log(f"round {rnd} cache not used ({e})")
-            cached = None
-    if all_ranks_agree(cached is not None):
+
+    def accept(samples, header):
+        if (header or {}).get("made_with") != provenance or "stats" not in header:
+            raise S2DError("made with other settings")
+
+    cached = sample_cache.load(path, accept, log=job.log, what=f"round {rnd} cache")
+    if cached is not None:
         job.log(f"round {rnd}: kept samples cached {path}")
-        return cached
+        return cached[0], cached[1]["stats"]
     if not first_step:
         raise S2DError(f"stages.{job.stage.name}: resuming inside rejection round {rnd} without its kept samples "
                        f"({path} is missing or was made with other settings): the weights that round sampled with "
@@ -174,9 +166,7 @@ def _kept_round(job, engine, rnd: int, first_step: bool) -> tuple[list[list[Samp
     kept, stats = sample_and_keep(job, engine, rnd)
     job.log(f"round {rnd}: kept {stats['kept']} of {stats['sampled']} samples ({len(kept)} prompts) in "
             f"{time.perf_counter() - t0:.1f}s")
-    if is_dp_writer():  # one rank per data-parallel group writes (its TP/PP peers hold the same samples)
-        sample_store.save_samples(path, kept, {"made_with": provenance, "stats": stats})
-    torch.distributed.barrier()
+    sample_cache.save(path, kept, {"made_with": provenance, "stats": stats})
     return kept, stats
 
 
@@ -193,7 +183,7 @@ def run(job) -> bool:
     policy, state = job.load_policy()
     loss = ForwardKLLoss(mode="sampled", temperature=st.rollout.temperature)  # the response tokens' NLL
     rejection = sft.source == "rejection"
-    engine = job.make_engine(policy) if rejection else None
+    engine = job.make_engine(job.policy_model, trainer=policy) if rejection else None
     responses = None if rejection else solution_responses(job)
     per_round, per_rank = st.steps // sft.rounds, st.prompts_per_step // job.dist.dp
     kept, round_stats, sampled_at = [], {}, None

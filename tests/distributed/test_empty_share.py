@@ -33,7 +33,8 @@ def _job(rank, world, keep_on_rank1: int, updates: int):
     from megatron_s2d.config import ModelConfig, OptimConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.checkpoint.model_ckpt import export_hf_state, load_hf_state
 
@@ -42,8 +43,8 @@ def _job(rank, world, keep_on_rank1: int, updates: int):
     g = torch.Generator().manual_seed(1)
     init = {k: torch.randn(*s, generator=g) * 0.05 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    pol = MegatronPolicy(arch, ModelConfig(dtype="fp32"), OptimConfig(lr=1e-2, adam_eps=1e-2, grad_clip=0.0),
-                         total_updates=updates, micro_batch_tokens=64)
+    pol = TrainablePolicy(MegatronModel(arch, ModelConfig(dtype="fp32"), micro_batch_tokens=64),
+                          OptimConfig(lr=1e-2, adam_eps=1e-2, grad_clip=0.0), total_updates=updates)
     load_hf_state(pol.module, arch, lambda n: init[n])
     full = _rows(6)
     if world == 1:

@@ -47,7 +47,7 @@ def _save(rank, world, path):
     from megatron_s2d.models.state_dict import hf_shapes
     from megatron_s2d.config import ModelConfig
     from megatron_s2d.models import arch_from_hf_config
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.checkpoint.model_ckpt import load_hf_state, save_model_checkpoint
 
@@ -56,7 +56,7 @@ def _save(rank, world, path):
     g = torch.Generator().manual_seed(1)
     init = {k: torch.randn(*s, generator=g) * 0.3 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    pol = MegatronPolicy(arch, ModelConfig(dtype="fp32"), optim=None)
+    pol = MegatronModel(arch, ModelConfig(dtype="fp32"))
     load_hf_state(pol.module, arch, lambda n: init[n])
     save_model_checkpoint(pol.module, path, arch, "fp32")
 
@@ -66,8 +66,8 @@ def _score(rank, world, path, student, teacher, topk=2, rows_of=None):
 
     from megatron_s2d.config import ModelConfig
     from megatron_s2d.policy import objectives as O
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
-    from megatron_s2d.policy.scorer import FrozenScorer
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.scorer import RoutedScorer
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.runtime.groups import model_groups
     from megatron_s2d.checkpoint.model_ckpt import load_model_checkpoint, read_model_meta
@@ -75,8 +75,8 @@ def _score(rank, world, path, student, teacher, topk=2, rows_of=None):
     init_distributed(*student)
     arch, _ = read_model_meta(path)
     groups = model_groups(*teacher)
-    model = MegatronPolicy(arch, ModelConfig(tp=teacher[0], pp=teacher[1], dtype="fp32"), optim=None, groups=groups,
-                           initialize=False)
+    model = MegatronModel(arch, ModelConfig(tp=teacher[0], pp=teacher[1], dtype="fp32"), groups=groups,
+                          initialize=False)
     load_model_checkpoint(model.module, path)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rows = _my_rows(dp_rank, dp) if rows_of is None else rows_of[dp_rank]
@@ -84,14 +84,14 @@ def _score(rank, world, path, student, teacher, topk=2, rows_of=None):
     batch = {k: v[rows] for k, v in full.items()}
     t = int(batch["lengths"].max()) if rows else 7
     batch = {k: (v[:, :t] if v.dim() >= 2 else v) for k, v in batch.items()}  # each rank its own padded width
-    scorer = FrozenScorer(model, dp_rank)
+    scorer = model if groups.is_global else RoutedScorer(model, dp_rank)  # policy.load.LoadedModel.scorer
     obj = O.logprob_values(scorer.tp_group, 1.0, topk=topk, ids_key="student_topk_ids")
     out = scorer.forward_values(batch, obj, micro_batch_tokens=40)
     # the student's own model, on the global layout, still runs next to the teacher
-    student_model = MegatronPolicy(arch, ModelConfig(tp=student[0], pp=student[1], dtype="fp32"), optim=None)
+    student_model = MegatronModel(arch, ModelConfig(tp=student[0], pp=student[1], dtype="fp32"))
     load_model_checkpoint(student_model.module, path)
     mine = student_model.forward_values(batch, O.logprob_values(ps.get_tensor_model_parallel_group(), 1.0), 40)
-    return {"rows": rows, "out": out, "student": mine["logprobs"], "own_layout": scorer.own_layout,
+    return {"rows": rows, "out": out, "student": mine["logprobs"], "own_layout": not groups.is_global,
             "replicas": groups.dp}
 
 

@@ -24,11 +24,12 @@ CFG = dict(model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size
 def _policy(tp):
     from megatron_s2d.config import ModelConfig, OptimConfig
     from megatron_s2d.models import arch_from_hf_config
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
 
     arch = arch_from_hf_config(CFG)
-    return arch, MegatronPolicy(arch, ModelConfig(tp=tp, pp=1, dtype="fp32"), OptimConfig(lr=1e-2), total_updates=8,
-                                seed=3)
+    return arch, TrainablePolicy(MegatronModel(arch, ModelConfig(tp=tp, pp=1, dtype="fp32"), seed=3),
+                                 OptimConfig(lr=1e-2), total_updates=8)
 
 
 def _train_step(pol, step):

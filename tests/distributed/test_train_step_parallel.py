@@ -38,7 +38,8 @@ def _job(rank, world, tp, pp, kind, nan=False, pack=False):
     from megatron_s2d.losses import opd_token_advantages
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy, NonFiniteError
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import NonFiniteError, TrainablePolicy
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.checkpoint.model_ckpt import export_hf_state, load_hf_state
 
@@ -47,8 +48,8 @@ def _job(rank, world, tp, pp, kind, nan=False, pack=False):
     g = torch.Generator().manual_seed(1)
     init = {k: torch.randn(*s, generator=g) * 0.05 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    pol = MegatronPolicy(arch, ModelConfig(tp=tp, pp=pp, pack_sequences=pack, dtype="fp32"),
-                         OptimConfig(lr=1e-2, adam_eps=1e-2, grad_clip=0.0))
+    pol = TrainablePolicy(MegatronModel(arch, ModelConfig(tp=tp, pp=pp, pack_sequences=pack, dtype="fp32")),
+                          OptimConfig(lr=1e-2, adam_eps=1e-2, grad_clip=0.0))
     load_hf_state(pol.module, arch, lambda n: init[n])
     batch, teacher_lp = _batch()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -3,6 +3,8 @@ a wrong TP slice (layer 0's q_proj placed at the other rank's offset) is named b
 caught by the engine-vs-trainer log-prob probe; a missing layer is named by the completeness check. A correct refit
 passes both."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,7 +24,8 @@ def _job(rank, world, tmp):
     from megatron_s2d.errors import InternalError
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.models.state_dict import hf_shapes
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.load import LoadedModel
+    from megatron_s2d.policy.model import MegatronModel
     from megatron_s2d.rollout import sharded_refit
     from megatron_s2d.rollout.factory import make_engine
     from megatron_s2d.rollout.refit import stream_refit
@@ -33,10 +36,11 @@ def _job(rank, world, tmp):
     g = torch.Generator().manual_seed(1)
     init = {k: torch.randn(*s, generator=g) * 0.1 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    pol = MegatronPolicy(arch, ModelConfig(tp=2, dtype="fp32"), optim=None, micro_batch_tokens=512)
+    pol = MegatronModel(arch, ModelConfig(tp=2, dtype="fp32"), micro_batch_tokens=512)
     load_hf_state(pol.module, arch, lambda n: init[n])
     save_model_checkpoint(pol.module, f"{tmp}/ckpt", arch, "fp32", overwrite=True)
-    engine = make_engine("vllm", pol, ckpt_dir=f"{tmp}/ckpt", work_dir=f"{tmp}/work", stop_ids=(3,), pad_id=0,
+    loaded = LoadedModel(model=pol, assets=None, path=Path(f"{tmp}/ckpt"))
+    engine = make_engine("vllm", loaded, dp_rank=0, work_dir=f"{tmp}/work", stop_ids=(3,), pad_id=0,
                          vllm=VLLMConfig(cpu_kvcache_gib=0.25, verify_sync=True), seed=1).vllm  # refits eagerly
     out = {"clean": engine.sync_weights(pol)["sync_max_logprob_diff"]}
 

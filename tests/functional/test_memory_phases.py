@@ -35,11 +35,10 @@ def _collapse(trace: list[str]) -> list[str]:
 
 def _run_stages(rank, world, plan_dict, names):
     from megatron_s2d.config.loader import plan_from_dict
-    from megatron_s2d.config.kinds import kind_of
     from megatron_s2d.rewards import shutdown_pool
     from megatron_s2d.run.preflight import prepare_run
+    from megatron_s2d.stages.entry import loop_of
     from megatron_s2d.stages.job import StageJob
-    import importlib
 
     class TracedJob(StageJob):
         """The real job; its policy's train() also notes "train" in the job's memory trace."""
@@ -60,8 +59,7 @@ def _run_stages(rank, world, plan_dict, names):
     try:
         for name in names:
             job = TracedJob(plan, name)
-            module, func = kind_of(job.stage).loop.split(":")
-            assert getattr(importlib.import_module(module), func)(job) is False
+            assert loop_of(job.stage)(job) is False
             traces[name] = job.memory_trace
     finally:
         shutdown_pool()

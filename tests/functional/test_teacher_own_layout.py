@@ -30,7 +30,7 @@ def test_fkl_and_opd_with_teacher_at_its_own_layout_next_to_student_tp1(mini_wor
         assert (run / "stages" / name / "COMPLETE").is_file(), name
     out = proc.stdout + proc.stderr
     tp, pp = layout.get("tp", 1), layout.get("pp", 1)
-    assert (f"teacher scorer at its own layout tp={tp} pp={pp} (1 replicas) next to the student at tp=1 pp=1 (dp=2)"
+    assert (f"teacher at its own layout tp={tp} pp={pp} (1 replicas) next to the student at tp=1 pp=1 (dp=2)"
             in out)
     # each student DP rank got teacher samples for its own prompts, with teacher top-k at every response token
     from megatron_s2d.rollout.sample_store import load_samples

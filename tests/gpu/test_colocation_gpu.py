@@ -29,10 +29,13 @@ CFG = dict(model_type="qwen3", vocab_size=256, hidden_size=256, intermediate_siz
 def _policy(arch, init, dtype):
     from megatron_s2d.checkpoint.model_ckpt import load_hf_state
     from megatron_s2d.config import ModelConfig, OptimConfig
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
 
-    p = MegatronPolicy(arch, ModelConfig(dtype=dtype), OptimConfig(lr=1e-3, warmup_updates=0), micro_batch_tokens=512)
+    p = TrainablePolicy(MegatronModel(arch, ModelConfig(dtype=dtype), micro_batch_tokens=512),
+                        OptimConfig(lr=1e-3, warmup_updates=0))
     load_hf_state(p.module, arch, lambda n: init[n])
+    p.weights_changed()  # bf16: the optimizer's fp32 main params copy the loaded weights
     return p
 
 

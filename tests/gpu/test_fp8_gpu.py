@@ -49,12 +49,14 @@ def setup():
 def _policy(arch, init, fp8, pack=False, lr=1e-4):
     from megatron_s2d.checkpoint.model_ckpt import load_hf_state
     from megatron_s2d.config import ModelConfig, OptimConfig
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
 
-    pol = MegatronPolicy(arch, ModelConfig(use_te="yes", dtype="bf16", fp8=fp8, pack_sequences=pack),
-                         OptimConfig(lr=lr, adam_eps=1e-8, grad_clip=0.0))
+    pol = TrainablePolicy(MegatronModel(arch, ModelConfig(use_te="yes", dtype="bf16", fp8=fp8, pack_sequences=pack)),
+                          OptimConfig(lr=lr, adam_eps=1e-8, grad_clip=0.0))
     assert pol.uses_te
     load_hf_state(pol.module, arch, lambda k: init[k].cuda())
+    pol.weights_changed()  # bf16: the optimizer's fp32 main params copy the loaded weights
     return pol
 
 

@@ -1,6 +1,6 @@
 """Packed (THD) micro-batches with the Transformer Engine spec on one GPU (skipped without CUDA + TE).
 
-The same GRPO batch through ``MegatronPolicy`` padded and packed (``pack_sequences`` False / True, TE layer spec):
+The same GRPO batch through ``TrainablePolicy`` padded and packed (``pack_sequences`` False / True, TE layer spec):
 log-probs, top-k ids and the train step's loss and grad norm agree. In fp32 (TE's unfused attention: tight
 tolerances) and in bf16, the dtype of real runs, where THD runs cuDNN FusedAttention or flash attention, which fp32
 never reaches (TE ``attention/dot_product_attention/utils.py``: those backends need fp16/bf16), with and without
@@ -38,7 +38,8 @@ def test_thd_packed_equals_padded_with_te(case):
     from megatron_s2d.config import ModelConfig, OptimConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.checkpoint.model_ckpt import load_hf_state
 
@@ -57,10 +58,11 @@ def test_thd_packed_equals_padded_with_te(case):
     batch = dict(tokens=tokens, lengths=lengths, loss_mask=mask)
     out = {}
     for pack in (False, True):
-        pol = MegatronPolicy(arch, ModelConfig(use_te="yes", pack_sequences=pack, dtype=dtype),
-                             OptimConfig(lr=1e-3, adam_eps=1e-2, grad_clip=0.0))
+        pol = TrainablePolicy(MegatronModel(arch, ModelConfig(use_te="yes", pack_sequences=pack, dtype=dtype)),
+                              OptimConfig(lr=1e-3, adam_eps=1e-2, grad_clip=0.0))
         assert pol.uses_te and pol.pack_sequences == pack
         load_hf_state(pol.module, arch, lambda k: init[k].cuda())
+        pol.weights_changed()  # bf16: the optimizer's fp32 main params copy the loaded weights
         vals = pol.forward_values(batch, O.logprob_values(None, 1.0, topk=3), 200)
         b = dict(batch, old_logprobs=vals["logprobs"], advantages=torch.linspace(-1, 1, n))
         norm = O.Normalisers(float(mask.sum()), float(n))

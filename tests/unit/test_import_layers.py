@@ -184,3 +184,25 @@ def test_parallel_state_is_read_only_inside_runtime_policy_and_checkpoint():
     bad += [f"{rel}" for path, rel, pkg in _files() if pkg not in allowed and pkg is not None
             and "parallel_state" in path.read_text()]
     assert not bad, f"parallel_state read outside {sorted(allowed)}: {bad}"
+
+
+# The stage loops read like the paper's pseudo-code: process groups, collectives and the split world stay below
+# them (the job, the engines, the policy). A loop is a file of ``stages/`` registered in ``stages.entry.loop_of``.
+LOOP_FILES = ("grpo.py", "opd.py", "fkl_warmup.py", "teacher_sft.py")
+PROCESS_GROUP_MODULES = ("torch.distributed", "megatron.core.parallel_state", "megatron_s2d.runtime")
+
+
+def test_no_stage_loop_imports_process_groups():
+    from megatron_s2d.config import KINDS
+    from megatron_s2d.stages.entry import loop_of
+
+    loops = {Path(loop_of(cls(name="s", kind=kind)).__code__.co_filename).name for kind, cls in KINDS.items()}
+    assert loops == set(LOOP_FILES)
+    root = Path(__file__).resolve().parents[2] / "megatron_s2d" / "stages"
+    bad = []
+    for name in LOOP_FILES:
+        text = (root / name).read_text()
+        bad += [f"stages/{name}:{line} imports {module}" for line, module in _imports(root / name)
+                if module.startswith(PROCESS_GROUP_MODULES)]
+        bad += [f"stages/{name} uses torch.distributed" for _ in [1] if "torch.distributed" in text]
+    assert not bad, "stage loops touching process groups:\n  " + "\n  ".join(bad)

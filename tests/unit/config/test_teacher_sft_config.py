@@ -8,8 +8,6 @@ import yaml
 
 from megatron_s2d.config import load_plan
 from megatron_s2d.config.fingerprint import result_changes, stage_fingerprint
-from megatron_s2d.config.kinds import (consumes_labels, generating_model, models_of, reads_solutions, rows_per_prompt,
-                                       trained_model)
 from megatron_s2d.config.schema import SFTConfig, TeacherSFTStageConfig
 from megatron_s2d.config.validate import label_ledger
 from megatron_s2d.errors import S2DError
@@ -40,10 +38,10 @@ def test_facts_of_the_kind():
     sol = TeacherSFTStageConfig(name="s")
     rej = TeacherSFTStageConfig(name="r", sft=SFTConfig(source="rejection", samples_per_prompt=6))
     assert sol.kind == "teacher_sft" and sol.sft.source == "solutions" and sol.sft.rounds == 1
-    assert trained_model(sol) == generating_model(rej) == "teacher" and models_of(sol) == ["teacher"]
-    assert consumes_labels(sol) and consumes_labels(rej)  # the reference solutions / the reward's gold answers
-    assert (rows_per_prompt(sol), rows_per_prompt(rej)) == (1, 6)
-    assert reads_solutions(sol) and not reads_solutions(rej)
+    assert sol.trains == rej.samples_from == "teacher" and sol.models() == ["teacher"]
+    assert sol.consumes_labels() and rej.consumes_labels()  # the reference solutions / the reward's gold answers
+    assert (sol.rows_per_prompt(), rej.rows_per_prompt()) == (1, 6)
+    assert sol.reads_solutions() and not rej.reads_solutions()
 
 
 def test_the_bridge_route_loads_and_its_labels_are_counted(tmp_path):

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from megatron_s2d.config import load_plan
-from megatron_s2d.config.kinds import consumes_labels
 from megatron_s2d.config.schema import OPDConfig, OPDStageConfig
 from megatron_s2d.config.validate import PlanWarning, label_ledger
 from megatron_s2d.errors import S2DError
@@ -48,9 +47,9 @@ def test_the_ledger_counts_labels_only_where_the_loss_reads_them(tmp_path):
     topk = _plan(tmp_path, opd={"opd": {"mode": "topk"}})
     assert label_ledger(topk)["opd"] == ["1H"]  # the teacher's only
     # the registry fact itself, even for a config that never went through validation
-    assert not consumes_labels(OPDStageConfig(name="o", teacher="base", opd=OPDConfig(mode="topk",
-                                                                                     task_reward_coef=0.5)))
-    assert consumes_labels(OPDStageConfig(name="o", teacher="base", opd=OPDConfig(task_reward_coef=0.5)))
+    assert not OPDStageConfig(name="o", teacher="base", opd=OPDConfig(mode="topk",
+                                                                     task_reward_coef=0.5)).consumes_labels()
+    assert OPDStageConfig(name="o", teacher="base", opd=OPDConfig(task_reward_coef=0.5)).consumes_labels()
 
 
 # ------------------------------------------------------------------------------- 8: one band per correction mode

@@ -16,12 +16,13 @@ def test_non_finite_gradient_with_a_finite_loss_skips_the_update(monkeypatch):
     from megatron_s2d.config import ModelConfig, OptimConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy, NonFiniteError
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import NonFiniteError, TrainablePolicy
     from megatron_s2d.runtime.dist import init_distributed
 
     init_distributed(1, 1)
     arch = arch_from_hf_config(CFG)
-    pol = MegatronPolicy(arch, ModelConfig(dtype="fp32", use_te="no"), OptimConfig(lr=1e-3))
+    pol = TrainablePolicy(MegatronModel(arch, ModelConfig(dtype="fp32", use_te="no")), OptimConfig(lr=1e-3))
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 128, (3, 20), generator=g)
     mask = torch.ones(3, 20)

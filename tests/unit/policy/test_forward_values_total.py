@@ -16,11 +16,11 @@ def _job(rank, world):
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
     from megatron_s2d.policy.batch import RolloutBatch
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
     from megatron_s2d.runtime.dist import init_distributed
 
     init_distributed(1, 1)
-    pol = MegatronPolicy(arch_from_hf_config(CFG), ModelConfig(dtype="fp32"), optim=None, micro_batch_tokens=64)
+    pol = MegatronModel(arch_from_hf_config(CFG), ModelConfig(dtype="fp32"), micro_batch_tokens=64)
     g = torch.Generator().manual_seed(0)
     n, t, k = 3, 10, 4
     full = {"tokens": torch.randint(0, 64, (n, t), generator=g), "lengths": torch.tensor([10, 7, 9]),

@@ -1,7 +1,7 @@
 """Padding to the FP8 token multiple changes nothing: the masked positions move no loss, log-prob or gradient.
 
 FP8 itself needs a GPU (tests/gpu/test_fp8_gpu.py); what it changes on the trainer's side is the shapes. Here an fp32
-model without FP8 runs the same shapes an FP8 model gets (``MegatronPolicy.token_multiple`` set to 16 and 128, the
+model without FP8 runs the same shapes an FP8 model gets (``MegatronModel.token_multiple`` set to 16 and 128, the
 multiples of the delayed/tensorwise and blockwise recipes), padded and packed, and every output is compared with
 the unpadded run: per-token log-probs, top-k, the train step's loss metrics and every parameter's gradient.
 """
@@ -35,7 +35,8 @@ def policy():
     from megatron_s2d.config import ModelConfig, OptimConfig
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.models.state_dict import hf_shapes
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
     from megatron_s2d.runtime.dist import init_distributed
 
     init_distributed(1, 1)
@@ -43,9 +44,9 @@ def policy():
     g = torch.Generator().manual_seed(1)
     init = {k: torch.randn(*s, generator=g) * 0.05 for k, s in sorted(hf_shapes(arch).items())}
     init = {k: (v.abs() + 1.0 if "norm" in k else v) for k, v in init.items()}
-    pol = MegatronPolicy(arch, ModelConfig(dtype="fp32", use_te="no"), OptimConfig(lr=1e-3, adam_eps=1e-2,
-                                                                                    grad_clip=0.0))
-    assert pol.token_multiple == 1  # no FP8, no sequence parallelism
+    pol = TrainablePolicy(MegatronModel(arch, ModelConfig(dtype="fp32", use_te="no")),
+                          OptimConfig(lr=1e-3, adam_eps=1e-2, grad_clip=0.0))
+    assert pol.base.token_multiple == 1  # no FP8, no sequence parallelism
     yield pol, arch, init
     torch.set_num_threads(threads)
 
@@ -57,7 +58,7 @@ def _run(pol, arch, init, multiple, pack):
     from megatron_s2d.policy import objectives as O
 
     load_hf_state(pol.module, arch, lambda k: init[k])
-    pol.token_multiple, pol.pack_sequences = multiple, pack
+    pol.base.token_multiple, pol.base.pack_sequences = multiple, pack  # the model's forward settings
     seen = []
     hook = pol.module.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
     try:

@@ -29,13 +29,14 @@ def _job(rank, world, schedule, steps, updates, warmup, skip_at):
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.policy import objectives as O
     from megatron_s2d.policy.batch import RolloutBatch
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
     from megatron_s2d.runtime.dist import init_distributed
 
     init_distributed(1, 1)
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_updates=warmup, schedule=schedule)
-    pol = MegatronPolicy(arch_from_hf_config(CFG), ModelConfig(dtype="fp32"), optim, total_updates=steps * updates,
-                         micro_batch_tokens=256)
+    pol = TrainablePolicy(MegatronModel(arch_from_hf_config(CFG), ModelConfig(dtype="fp32"), micro_batch_tokens=256),
+                          optim, total_updates=steps * updates)
     n, t = 2 * updates, 10
     g = torch.Generator().manual_seed(0)
     seen = []

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_s2d.policy.megatron_policy import mini_batches
+from megatron_s2d.policy.trainer import mini_batches
 
 
 @pytest.mark.parametrize("n,u", [(12, 8), (8, 8), (13, 4), (100, 7), (5, 1)])

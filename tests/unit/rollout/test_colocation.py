@@ -16,10 +16,11 @@ CFG = dict(model_type="qwen3", vocab_size=64, hidden_size=64, intermediate_size=
 def _policy(arch, init):
     from megatron_s2d.checkpoint.model_ckpt import load_hf_state
     from megatron_s2d.config import ModelConfig, OptimConfig
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
+    from megatron_s2d.policy.trainer import TrainablePolicy
 
-    p = MegatronPolicy(arch, ModelConfig(dtype="fp32"), OptimConfig(lr=1e-2, warmup_updates=0),
-                       micro_batch_tokens=256)
+    p = TrainablePolicy(MegatronModel(arch, ModelConfig(dtype="fp32"), micro_batch_tokens=256),
+                        OptimConfig(lr=1e-2, warmup_updates=0))
     load_hf_state(p.module, arch, lambda n: init[n])
     return p
 

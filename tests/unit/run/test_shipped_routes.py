@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from megatron_s2d.config import load_plan
-from megatron_s2d.config.kinds import KINDS
 from megatron_s2d.run import paper
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -31,15 +30,16 @@ def _rows(plan) -> list[dict]:
         if name in (None, "base"):
             return set()
         s = st[name]
-        own = set(s.split.split("+")) if KINDS[s.kind].consumes_labels(s) else set()
-        return own | labels(s.init) | labels(getattr(s, "teacher", None))
+        own = set(s.split.split("+")) if s.consumes_labels() else set()
+        return own | labels(s.init) | labels(s.teachers()[0] if s.teachers() else None)
 
     rows = []
     for s in plan.stages:
-        model = KINDS[s.kind].trains
+        model = s.trains
         rows.append({"route": s.name, "kind": s.kind, "control": s.control, "model": model,
                      "init": f"{model}_base" if s.init == "base" else s.init, "split": s.split,
-                     "teacher": getattr(s, "teacher", None), "labels_splits": sorted(labels(s.name)), "evals": {}})
+                     "teacher": s.teachers()[0] if s.teachers() else None, "labels_splits": sorted(labels(s.name)),
+                     "evals": {}})
     return rows
 
 

@@ -19,9 +19,8 @@ def _job(rank, world, temperature):
     from megatron_s2d.models import arch_from_hf_config
     from megatron_s2d.models.state_dict import hf_shapes
     from megatron_s2d.policy.batch import RolloutBatch
-    from megatron_s2d.policy.megatron_policy import MegatronPolicy
+    from megatron_s2d.policy.model import MegatronModel
     from megatron_s2d.policy.objectives import ForwardKLLoss
-    from megatron_s2d.policy.scorer import FrozenScorer
     from megatron_s2d.runtime.dist import init_distributed
     from megatron_s2d.stages.job import trainable_policy
     from megatron_s2d.stages.opd import SampledOPD, TopkOPD, opd_mode
@@ -35,11 +34,12 @@ def _job(rank, world, temperature):
     rollout = RolloutConfig(engine="megatron", temperature=temperature, max_new_tokens=8)
     stage = OPDStageConfig(name="opd", teacher="base", samples_per_prompt=2, rollout=rollout, micro_batch_tokens=64,
                            optim=OptimConfig(lr=1e-3), clip=ClipConfig(), opd=OPDConfig(topk=4))
-    student = trainable_policy(arch, mcfg, stage, seed=0)
-    load_hf_state(student.module, arch, lambda n: init[n])
-    frozen = MegatronPolicy(arch, mcfg, optim=None, micro_batch_tokens=64)
+    start = MegatronModel(arch, mcfg, seed=0, micro_batch_tokens=stage.micro_batch_tokens)
+    load_hf_state(start.module, arch, lambda n: init[n])
+    student = trainable_policy(start, stage)
+    frozen = MegatronModel(arch, mcfg, micro_batch_tokens=64)
     load_hf_state(frozen.module, arch, lambda n: init[n])
-    teacher = FrozenScorer(frozen, 0)
+    teacher = frozen  # at the job's own layout the model is the scorer
 
     n, t = 4, 12
     tokens = torch.randint(0, 64, (n, t), generator=g)
@@ -70,7 +70,7 @@ def _job(rank, world, temperature):
     # the policy a stage builds schedules over all of its optimizer updates
     rl = GRPOStageConfig(name="rl", steps=10, updates_per_step=4, samples_per_prompt=2,
                          optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_updates=2))
-    out["decay_updates"] = trainable_policy(arch, mcfg, rl, seed=0).scheduler.lr_decay_steps
+    out["decay_updates"] = trainable_policy(MegatronModel(arch, mcfg), rl).scheduler.lr_decay_steps
     return out
 
 
