@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from megatron_s2d.errors import InternalError, S2DError
@@ -46,7 +45,7 @@ from megatron_s2d.runtime.bridge import Bridge, BridgeTimeout, Pending
 
 HEARTBEAT_S = 2.0
 _POLL_S = 0.05
-_RESULT_TAG = 7
+_RESULT_TAG = 7  # results travel apart from the weight transfer's messages (runtime.bridge tags 1-3)
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,16 @@ class Hello:
     max_batch_tokens: int | str
     bucket_bytes: int
     verify: bool
+
+    def transfer(self, bridge: Bridge, arch):
+        """The weight transfer both sides build alike (None for a frozen teacher: nothing is pushed)."""
+        from megatron_s2d.rollout.weight_transfer import SideLayout, WeightTransfer
+
+        if self.frozen:
+            return None
+        return WeightTransfer(bridge, arch, trainer=SideLayout(self.trainer_tp, self.trainer_pp, len(bridge.trainers)),
+                              generator=SideLayout(self.model_cfg.tp, self.model_cfg.pp, len(bridge.generators)),
+                              bucket_bytes=self.bucket_bytes, verify=self.verify)
 
 
 def _heartbeat(bridge: Bridge, key: str, stop: threading.Event) -> threading.Thread:
@@ -96,20 +105,6 @@ def _wait_key(bridge: Bridge, key: str, watch: list[tuple[str, int]], phase: str
                                     f"(rollout.sync_timeout_s = {bridge.timeout_s:g}); the job stops instead of "
                                     "waiting for the NCCL watchdog", rank, bridge.role_of(rank), phase)
         time.sleep(_POLL_S)
-
-
-def _isend_obj(bridge: Bridge, obj, dst: int, pending: Pending) -> None:
-    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    bridge.isend(torch.tensor([data.numel()], dtype=torch.int64), dst, pending, tag=_RESULT_TAG)
-    bridge.isend(data, dst, pending, tag=_RESULT_TAG)
-
-
-def _recv_obj(bridge: Bridge, src: int, phase: str):
-    n = torch.zeros(1, dtype=torch.int64)
-    bridge.recv(n, src, phase, tag=_RESULT_TAG)
-    data = torch.empty(int(n.item()), dtype=torch.uint8)
-    bridge.recv(data, src, phase, tag=_RESULT_TAG)
-    return pickle.loads(data.numpy().tobytes())
 
 
 IN_FLIGHT_FILE = "in_flight_rollouts.json"  # in a training checkpoint: the rollouts sent but not trained on yet
@@ -217,7 +212,7 @@ class RemoteEngine:
         """Receive the results of ``steps`` (the leader waits for each), every trainer rank keeps them."""
         box = [None]
         if self.bridge.is_main:
-            box = [{j: (_recv_obj(self.bridge, self.bridge.generators[0], f"rollouts of step {j}"), meta)
+            box = [{j: (self.bridge.recv_obj(self.bridge.generators[0], f"rollouts of step {j}", _RESULT_TAG), meta)
                     for j in steps for meta in [self._wait_done(j)]}]
         dist.broadcast_object_list(box, src=0)
         self._stash.update(box[0])
@@ -275,30 +270,23 @@ def make_remote_engine(bridge: Bridge, loaded, *, trainer, gen_cfg, trainer_layo
     teacher (``trainer`` None: its checkpoint's weights, nothing pushed). ``gen_cfg``: the generating model's config
     (its tp/pp is the generators' layout); ``rollout``: the stage's ``RolloutConfig``; ``resumed_from``: the
     training checkpoint the policy resumed from (its rollouts in flight are served first)."""
-    from megatron_s2d.rollout.weight_transfer import SideLayout, WeightTransfer
-
-    frozen = trainer is None
-    hello = Hello(checkpoint=str(loaded.path), model_cfg=gen_cfg, frozen=frozen, trainer_tp=trainer_layout[0],
+    hello = Hello(checkpoint=str(loaded.path), model_cfg=gen_cfg, frozen=trainer is None, trainer_tp=trainer_layout[0],
                   trainer_pp=trainer_layout[1], stop_ids=tuple(stop_ids), pad_id=pad_id,
                   max_batch_tokens=rollout.max_batch_tokens, bucket_bytes=rollout.transfer_bucket_mib << 20,
                   verify=rollout.vllm.verify_sync)
-    transfer = None if frozen else WeightTransfer(
-        bridge, loaded.model.arch, trainer=SideLayout(*trainer_layout, len(bridge.trainers)),
-        generator=SideLayout(gen_cfg.tp, gen_cfg.pp, len(bridge.generators)), bucket_bytes=hello.bucket_bytes,
-        verify=hello.verify)
     saved = resumed_from / IN_FLIGHT_FILE if resumed_from is not None else None
-    return RemoteEngine(bridge, hello, transfer, dp_rank=dp_rank, lookahead=lookahead, start_step=start_step,
-                        end_step=end_step, max_staleness=rollout.max_staleness, source=trainer,
+    return RemoteEngine(bridge, hello, hello.transfer(bridge, loaded.model.arch), dp_rank=dp_rank,
+                        lookahead=lookahead, start_step=start_step, end_step=end_step,
+                        max_staleness=rollout.max_staleness, source=trainer,
                         in_flight=saved.read_text() if saved is not None and saved.is_file() else None)
 
 
 # ------------------------------------------------------------------------------------------- the generator side
-def serve(bridge: Bridge, seed: int = 1234, log=print) -> int:
+def serve(bridge: Bridge, seed: int = 1234) -> int:
     """The generator side of a separate-placement stage: start from the trainers' hello, then serve requests and
     weight pushes in order until told to stop. Every generator rank runs it; returns the exit code."""
     from megatron_s2d.rollout.factory import make_sampler
-    from megatron_s2d.rollout.weight_transfer import SideLayout, WeightTransfer
-    from megatron_s2d.runtime.dist import dist_info, init_distributed
+    from megatron_s2d.runtime.dist import init_distributed
 
     stop = threading.Event()
     _heartbeat(bridge, f"remote/hb/{bridge.rank}", stop)
@@ -319,21 +307,18 @@ def serve(bridge: Bridge, seed: int = 1234, log=print) -> int:
         # the generators' own world exists already (split_world); the hello says which layout to set up on it
         hello = next_control()[1]
         mcfg = hello.model_cfg
-        init_distributed(mcfg.tp, mcfg.pp, seed=seed)
+        info = init_distributed(mcfg.tp, mcfg.pp, seed=seed)
         from megatron_s2d.policy.load import load_model
 
         loaded = load_model(hello.checkpoint, mcfg, seed=seed, weights=hello.frozen)
-        transfer = None if hello.frozen else WeightTransfer(
-            bridge, loaded.assets.arch, trainer=SideLayout(hello.trainer_tp, hello.trainer_pp, len(bridge.trainers)),
-            generator=SideLayout(mcfg.tp, mcfg.pp, len(bridge.generators)), bucket_bytes=hello.bucket_bytes,
-            verify=hello.verify)
+        transfer = hello.transfer(bridge, loaded.model.arch)
         sampler = make_sampler(loaded.model, stop_ids=hello.stop_ids, pad_id=hello.pad_id,
                                max_batch_tokens=hello.max_batch_tokens)
         dist.barrier()
         if lead:
             bridge.store.set("remote/ready", "1")
-        replica, replicas = dist_info().dp_rank, dist_info().dp
-        first = dist_info().tp_rank == 0 and dist_info().pp_rank == 0  # reports its replica's samples
+        replica, replicas = info.dp_rank, info.dp
+        first = info.tp_rank == 0 and info.pp_rank == 0  # reports its replica's samples
         version, pending, idle_since = (None if not hello.frozen else 0), Pending(), time.perf_counter()
         while True:
             msg = next_control()
@@ -357,7 +342,7 @@ def serve(bridge: Bridge, seed: int = 1234, log=print) -> int:
             if lead:
                 results = {d: r for part in parts for d, r in part.items()}
                 bridge.wait(pending, f"rollouts of step {step - 1} (sending)")
-                _isend_obj(bridge, results, bridge.trainers[0], pending)
+                bridge.isend_obj(results, bridge.trainers[0], pending, _RESULT_TAG)
                 bridge.store.set(f"remote/done/{step}", pickle.dumps(
                     {"version": version, "busy_s": busy, "idle_s": idle}))
         if lead:

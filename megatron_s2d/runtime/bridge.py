@@ -51,6 +51,7 @@ import torch.distributed as dist
 from megatron_s2d.errors import InternalError, S2DError
 
 TRAIN, GENERATE = "train", "generate"
+_OBJ_TAG = 1  # objects and tensors between the same two ranks never mix up
 _KEEP_PHASES = 2  # this rank's "entered" marks kept in the store (older ones are deleted: the store stays small)
 
 
@@ -227,24 +228,28 @@ class Bridge:
         self.irecv(tensor, src, pending, tag)
         self.wait(pending, phase)
 
-    def send_obj(self, obj: Any, dst: int, phase: str) -> None:
-        """Send a small picklable object (metadata) to global rank ``dst``: its length, then its bytes."""
+    def isend_obj(self, obj: Any, dst: int, pending: Pending, tag: int = _OBJ_TAG) -> None:
+        """Start sending a picklable object to global rank ``dst``: its length, then its bytes (``pending`` keeps
+        the buffers alive until :meth:`wait`)."""
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        self.isend(torch.tensor([data.numel()], dtype=torch.int64), dst, pending, tag=tag)
+        self.isend(data, dst, pending, tag=tag)
+
+    def send_obj(self, obj: Any, dst: int, phase: str, tag: int = _OBJ_TAG) -> None:
+        """Send a small picklable object (metadata) to global rank ``dst`` and wait until it is received."""
         pending = Pending()
-        self.isend(torch.tensor([data.numel()], dtype=torch.int64), dst, pending, tag=_OBJ_TAG)
-        self.isend(data, dst, pending, tag=_OBJ_TAG)
+        self.isend_obj(obj, dst, pending, tag)
         self.wait(pending, phase)
 
-    def recv_obj(self, src: int, phase: str) -> Any:
-        """The object global rank ``src`` sent with :meth:`send_obj`."""
+    def recv_obj(self, src: int, phase: str, tag: int = _OBJ_TAG) -> Any:
+        """The object global rank ``src`` sent with :meth:`send_obj` / :meth:`isend_obj` (the same ``tag``)."""
         n = torch.zeros(1, dtype=torch.int64)
-        self.recv(n, src, phase, tag=_OBJ_TAG)
+        self.recv(n, src, phase, tag=tag)
         data = torch.empty(int(n.item()), dtype=torch.uint8)
-        self.recv(data, src, phase, tag=_OBJ_TAG)
+        self.recv(data, src, phase, tag=tag)
         return pickle.loads(data.numpy().tobytes())
 
 
-_OBJ_TAG = 1  # objects and tensors between the same two ranks never mix up
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

@@ -111,9 +111,11 @@ def run_stage(plan, name: str) -> int:
             check_drift(plan, by_name[name], recorded)
         print(f"[{name}] already complete; skipping", flush=True)
         return 0
+    from megatron_s2d.config.validate import separate
+
     stage = next((s for s in plan.stages if s.name == name), None)
     bridge = None
-    if stage is not None and stage.generates() and stage.rollout.placement == "separate":
+    if stage is not None and separate(stage):
         from megatron_s2d.runtime.bridge import GENERATE, split_world
 
         # generation ranks of their own (rollout.remote): the last generation_ranks ranks serve the trainers
