@@ -409,6 +409,12 @@ def trainer_world(plan: PlanConfig, stage: StageBase) -> int:
     return world - stage.rollout.generation_ranks if separate(stage) else world
 
 
+def can_separate(stage: StageBase) -> bool:
+    """Whether generation ranks of their own can serve a stage: GRPO, OPD and the forward-KL warmup ask for one
+    request per step (``rollout.remote``); rejection SFT samples in rounds of its own."""
+    return isinstance(stage, (GRPOStageConfig, OPDStageConfig, WarmupStageConfig))
+
+
 def placement_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
     """The placement settings of a stage that generates: generation ranks that exist and hold whole replicas of the
     generating model, trainers that hold whole replicas of the trained one, a staleness only separate ranks allow."""
@@ -419,29 +425,32 @@ def placement_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
     out = []
     if r.max_staleness < 0 or r.sync_timeout_s <= 0 or r.transfer_bucket_mib < 1:
         out.append(f"{w}: max_staleness must be >= 0, sync_timeout_s > 0 and transfer_bucket_mib >= 1")
-    if r.placement == "auto":
-        out.append(f"{w}.placement = 'auto' is not chosen by this release yet (the dry run prices both): set "
-                   "'colocated' or 'separate' with generation_ranks")
+    if r.placement == "auto":  # the launcher chooses (launch.pricing.resolve_placements) and checks the choice
+        if r.generation_ranks:
+            out.append(f"{w}.generation_ranks = {r.generation_ranks}: placement 'auto' chooses it (the price "
+                       "model's cheapest fitting split); remove it, or set placement: separate")
+        return out
     if r.placement != "separate":
         if r.max_staleness > 0:
             out.append(f"{w}.max_staleness = {r.max_staleness}: running generation ahead of training needs ranks "
                        "of its own; set rollout.placement: separate (with generation_ranks), or max_staleness: 0")
         return out
-    if not isinstance(stage, (GRPOStageConfig, OPDStageConfig, WarmupStageConfig)):
+    if not can_separate(stage):
         out.append(f"{w}.placement = 'separate': a {stage.kind} stage generates in rounds of its own, which "
                    "generation ranks do not serve yet; use rollout.placement: colocated")
-    if engine_for(r) != "megatron":
-        out.append(f"{w}.placement = 'separate' serves rollouts with the megatron sampler in this release (vLLM on "
-                   "generation ranks of their own is not wired yet); set rollout.engine: megatron")
     gen, n = plan.models[stage.samples_from], r.generation_ranks
     trained = plan.models[stage.trains]
+    # a replica on the generation ranks: vLLM's (vllm.tp ranks, every layer on each) or the sampler's (tp x pp)
+    vllm = engine_for(r) == "vllm"
+    replica, shape = ((vllm_tp(plan, stage), f"rollout.vllm.tp = {vllm_tp(plan, stage)}") if vllm else
+                      (gen.tp * gen.pp, f"tp x pp = {gen.tp * gen.pp}"))
     if not 0 < n < world:
         out.append(f"{w}.generation_ranks = {n}: with placement 'separate' between 1 and {world - 1} of the job's "
                    f"{world} ranks (launch.nodes x launch.procs_per_node) generate; the rest train")
-    elif n % (gen.tp * gen.pp) or (world - n) % (trained.tp * trained.pp):
+    elif n % replica or (world - n) % (trained.tp * trained.pp):
         out.append(f"{w}.generation_ranks = {n}: the {n} generation ranks must hold whole replicas of the "
-                   f"{stage.samples_from} (tp x pp = {gen.tp * gen.pp}) and the {world - n} trainers whole replicas "
-                   f"of the {stage.trains} (tp x pp = {trained.tp * trained.pp})")
+                   f"{stage.samples_from}'s {'vLLM engine' if vllm else 'sampler'} ({shape}) and the {world - n} "
+                   f"trainers whole replicas of the {stage.trains} (tp x pp = {trained.tp * trained.pp})")
     return out
 
 

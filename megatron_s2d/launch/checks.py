@@ -196,6 +196,19 @@ def check_job(plan: PlanConfig, job: Job, archs: dict[str, ArchSpec], errors: li
                     price)
 
 
+def resolve_placements(plan: PlanConfig, log=print) -> PlanConfig:
+    """``rollout.placement: auto`` resolved by the price model (``launch.pricing.resolve_placements``) from the
+    models' configs, each choice logged; the plan unchanged when no stage that generates says ``auto``."""
+    from megatron_s2d.launch.pricing import resolve_placements as resolve
+
+    if not any(s.generates() and s.rollout.placement == "auto" for s in plan.stages):
+        return plan
+    plan, notes = resolve(plan, {role: resolve_arch(plan, role)[0] for role in ("teacher", "student")})
+    for note in notes:
+        log(note)
+    return plan
+
+
 def check_jobs(plan: PlanConfig, jobs: list[Job]) -> list[JobCheck]:
     """Validate all jobs; raise one S2DError listing every problem."""
     errors: list[str] = []

@@ -46,11 +46,14 @@ def _cmd_run(args) -> int:
 
     if not args.verbose:
         quiet_launcher()
+    from megatron_s2d.launch.checks import resolve_placements
+
     plan = load_plan(args.plan, args.overrides)
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     restart = [s for s in (args.restart or "").split(",") if s]
     executor = args.executor or plan.launch.executor
     log = lambda m: print(f"[s2d] {m}", flush=True)  # noqa: E731
+    plan = resolve_placements(plan, log)  # rollout.placement: auto, chosen once, before any job or dry run
     layout = RunLayout.of(plan.run_dir)
     if args.dry_run:
         _dry_run(plan, layout, stages, executor, restart, log)
@@ -108,7 +111,10 @@ def _print_plan(args) -> int:
     from megatron_s2d.config import load_plan, to_dict
     from megatron_s2d.stages.layout import RunLayout
 
+    from megatron_s2d.launch.checks import resolve_placements
+
     plan = load_plan(args.plan, args.overrides)
+    plan = resolve_placements(plan, log=lambda m: print(f"# {m}", file=sys.stderr, flush=True))
     plan = dataclasses.replace(plan, run_dir=str(RunLayout.of(plan.run_dir).root))
     print(yaml.safe_dump(to_dict(plan), sort_keys=False), end="", flush=True)
     return 0

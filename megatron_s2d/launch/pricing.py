@@ -370,7 +370,12 @@ def price_base_eval(plan: PlanConfig, archs: dict[str, ArchSpec], dev: DevicePro
 def separate_candidates(plan: PlanConfig, stage: StageBase) -> list[int]:
     """Generation-rank counts N a separate ``stage`` can take: multiples of one engine replica (tp_g x pp_g) below
     the world whose T = world - N trainers hold whole replicas of every model they run and split the step's
-    prompts evenly over the trained model's data-parallel ranks, each with a row for every update."""
+    prompts evenly over the trained model's data-parallel ranks, each with a row for every update (none for a
+    stage kind generation ranks do not serve, ``config.validate.can_separate``)."""
+    from megatron_s2d.config.validate import can_separate
+
+    if not can_separate(stage):
+        return []
     world = _world(plan)
     tp_g, pp_g = generation_layout(plan, stage)
     trained = plan.models[stage.trains]
@@ -397,18 +402,52 @@ def best_separate(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec]
     return min(fitting, key=lambda p: (p.wall_s, p.generation_ranks), default=None)
 
 
+def _choice(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec], dev: DeviceProfile | None
+            ) -> tuple[str, int, JobPrice, JobPrice | None]:
+    colocated = price_stage(plan, stage, archs, "colocated", 0, dev)
+    sep = best_separate(plan, stage, archs, dev)
+    ahead = stage.rollout.max_staleness > 0  # generation ahead of training runs on ranks of its own only
+    if sep is not None and (ahead or sep.fits and (not colocated.fits or sep.gpu_hours < colocated.gpu_hours)):
+        return "separate", sep.generation_ranks, colocated, sep
+    return "colocated", 0, colocated, sep
+
+
 def choose_placement(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec],
                      dev: DeviceProfile | None = None) -> tuple[str, int]:
     """``rollout.placement: auto``: ("separate", N) when the best separate option (:func:`best_separate`) fits and
-    costs fewer GPU-hours than colocated (or colocated does not fit), else ("colocated", 0). ``archs``: both
+    costs fewer GPU-hours than colocated (or colocated does not fit), else ("colocated", 0). With
+    ``max_staleness`` > 0 (generation ahead of training: separate ranks only) auto chooses N alone. ``archs``: both
     models' ArchSpec (``launch.checks.resolve_arch``)."""
     if not stage.generates():
         return "colocated", 0
-    colocated = price_stage(plan, stage, archs, "colocated", 0, dev)
-    sep = best_separate(plan, stage, archs, dev)
-    if sep is not None and sep.fits and (not colocated.fits or sep.gpu_hours < colocated.gpu_hours):
-        return "separate", sep.generation_ranks
-    return "colocated", 0
+    return _choice(plan, stage, archs, dev)[:2]
+
+
+def resolve_placements(plan: PlanConfig, archs: dict[str, ArchSpec], dev: DeviceProfile | None = None
+                       ) -> tuple[PlanConfig, list[str]]:
+    """The plan with every ``rollout.placement: auto`` of a stage that generates replaced by the choice of
+    :func:`choose_placement` (``placement`` and ``generation_ranks`` set), validated again (a stage with
+    ``max_staleness`` > 0 and no possible split is refused, naming the field), and one line per choice saying why. The launcher
+    resolves before the run folder's ``plan.resolved.yaml`` is written, so every job reads the choice."""
+    from megatron_s2d.config.validate import validate_plan
+
+    stages, notes = [], []
+    for s in plan.stages:
+        if not s.generates() or s.rollout.placement != "auto":
+            stages.append(s)
+            continue
+        where, n, colocated, sep = _choice(plan, s, archs, dev)
+        stages.append(replace(s, rollout=replace(s.rollout, placement=where, generation_ranks=n)))
+        other = (f"separate on {sep.generation_ranks} of {_world(plan)} ranks {_h(sep.gpu_hours)} GPU-h"
+                 f"{'' if sep.fits else ' (does not fit)'}" if sep is not None else "no separate split possible")
+        chosen = f"separate, {n} generation ranks" if where == "separate" else "colocated"
+        notes.append(f"stages.{s.name}.rollout.placement: auto -> {chosen} (priced: colocated "
+                     f"{_h(colocated.gpu_hours)} GPU-h{'' if colocated.fits else ' (does not fit)'}, {other})")
+    if not notes:
+        return plan, []
+    out = replace(plan, stages=stages)
+    validate_plan(out, where="plan (rollout.placement: auto resolved)")
+    return out, notes
 
 
 def placement_of(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec]) -> tuple[str, int]:

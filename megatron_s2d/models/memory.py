@@ -458,24 +458,36 @@ def generation_layout(plan: PlanConfig, stage: StageBase) -> tuple[int, int]:
 def estimate_generation_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec],
                                total_gib: float | None = None) -> StageMemory:
     """One GPU of a separate stage's generation ranks: the rollout engine alone (no trainer, no optimizer, no final
-    evaluation). vLLM holds its share (its own weights inside it; unset, derived as budget - CUDA context -
-    headroom); the megatron sampler holds a copy of the generating model at its tp / pp (bf16 or fp32 as the model's
-    dtype: the sampler generates without FP8) and its KV cache in what is left (``max_batch_tokens: auto``)."""
+    evaluation), and the megatron model the weight transfer writes into (``rollout.generation_side``), in the
+    model's dtype (bf16 or fp32; without FP8). The megatron sampler runs on that model at its tp / pp, its KV cache
+    in what is left (``max_batch_tokens: auto``); vLLM holds its share next to it at (``vllm.tp``, pp 1) (its own
+    weights inside the share; unset, derived as budget - CUDA context - that model - headroom)."""
     total = plan.launch.gpu_memory_gib if total_gib is None else total_gib
     role = stage.samples_from
     m, arch = plan.models[role], archs[role]
-    weights, vllm, sampler = 0.0, None, None
+    tp, pp = generation_layout(plan, stage)
+    weights, vllm, sampler = params_on_heaviest_stage(arch, tp, pp) * dtype_bytes(m.dtype) / GIB, None, None
     if stage.rollout.engine == "megatron":
-        weights = params_on_heaviest_stage(arch, m.tp, m.pp) * dtype_bytes(m.dtype) / GIB
         free = min(plan.launch.gpu_memory_gib, total) - weights - CUDA_CONTEXT_NCCL_GIB
         sampler = sampler_memory(arch, m, max_model_len(plan, stage.rollout.max_new_tokens),
                                  stage.rollout.max_batch_tokens, free)
     else:
-        vllm = _vllm_share(plan, stage, archs, CUDA_CONTEXT_NCCL_GIB, total)
+        vllm = _vllm_share(plan, stage, archs, CUDA_CONTEXT_NCCL_GIB + weights, total)
     est = StageMemory(job=stage.name, budget_gib=plan.launch.gpu_memory_gib, weights_gib=weights, frozen_gib=0.0,
                       fp8_gib=0.0, overhead_gib=CUDA_CONTEXT_NCCL_GIB, grads_gib=0.0, optim_gib=0.0,
                       activations_gib=0.0, vllm=vllm, sampler=sampler, trains=False)
     return _with_problems(stage, est, total)
+
+
+def generation_vllm_fraction(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec],
+                             total_gib: float | None = None) -> float:
+    """The ``gpu_memory_utilization`` of a separate stage's vLLM on its generation ranks
+    (:func:`estimate_generation_memory`; as :func:`vllm_memory_fraction` for a colocated one). Raises
+    :class:`S2DError` naming the field when it cannot fit."""
+    est = estimate_generation_memory(plan, stage, archs, total_gib)
+    if est.gen_problems:
+        raise S2DError("; ".join(est.gen_problems))
+    return est.vllm.util
 
 
 def estimate_separate_memory(plan: PlanConfig, stage: StageBase, archs: dict[str, ArchSpec], generation_ranks: int,

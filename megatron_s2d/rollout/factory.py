@@ -70,7 +70,7 @@ def make_engine(engine: str, loaded, *, dp_rank: int, work_dir: Path, stop_ids: 
     # (v1/worker/utils.py:716-772): start it as every later wake-up finds the device, the trainer offloaded
     with offloaded(memory, trace):
         with shield():
-            out = _vllm_engine(loaded.path, layout, work_dir, stop_ids, vllm, seed, max_model_len,
+            out = vllm_engine(loaded.path, layout, work_dir, stop_ids, vllm, seed, max_model_len,
                                gpu_memory_utilization)
         note(trace, "start")
         out.sleep()  # until the first generation wakes it and refits (its weights are dummy until then)
@@ -82,8 +82,11 @@ def make_engine(engine: str, loaded, *, dp_rank: int, work_dir: Path, stop_ids: 
     return ColocatedEngine(generator, vllm=out, trainer=memory, source=model, trace=trace)
 
 
-def _vllm_engine(ckpt_dir: Path, layout, work_dir: Path, stop_ids, vllm, seed: int, max_model_len: int | None,
-                 gpu_memory_utilization: float | None):
+def vllm_engine(ckpt_dir: Path, layout, work_dir: Path, stop_ids, vllm, seed: int, max_model_len: int | None,
+                gpu_memory_utilization: float | None):
+    """A vLLM engine for the model of ``ckpt_dir`` at ``layout`` (``sharded_refit.GenerationLayout`` over the
+    current default world: the job's, or a separate stage's generation ranks), started from a config-only HF folder
+    with dummy weights (collective): its first refit gives it the model's weights."""
     from megatron_s2d.checkpoint.model_ckpt import read_model_meta
     from megatron_s2d.models import llama, qwen3
     from megatron_s2d.rollout.vllm_engine import VLLMEngine

@@ -112,8 +112,12 @@ def run_stage(plan, name: str) -> int:
         print(f"[{name}] already complete; skipping", flush=True)
         return 0
     from megatron_s2d.config.validate import separate
+    from megatron_s2d.errors import InternalError
 
     stage = next((s for s in plan.stages if s.name == name), None)
+    if stage is not None and stage.generates() and stage.rollout.placement == "auto":
+        raise InternalError(f"stages.{name}.rollout.placement = 'auto' reached the stage job: the launcher resolves "
+                            "it (launch.checks.resolve_placements) before writing plan.resolved.yaml")
     bridge = None
     if stage is not None and separate(stage):
         from megatron_s2d.runtime.bridge import GENERATE, split_world

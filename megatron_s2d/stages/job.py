@@ -201,10 +201,13 @@ class StageJob:
             return None
         from megatron_s2d.models.memory import vllm_memory_fraction
 
-        archs = {role: self.assets.arch if role == self.role else
-                 ModelAssets.load(self.store.checkpoint_of(self.stage.teacher, role)).arch
-                 for role in self.stage.models()}
-        return vllm_memory_fraction(self.plan, self.stage, archs, torch.cuda.mem_get_info()[1] / 2**30)
+        return vllm_memory_fraction(self.plan, self.stage, self._archs(), torch.cuda.mem_get_info()[1] / 2**30)
+
+    def _archs(self) -> dict:
+        """The ArchSpec of each model the stage holds (the memory estimate's input)."""
+        return {role: self.assets.arch if role == self.role else
+                ModelAssets.load(self.store.checkpoint_of(self.stage.teacher, role)).arch
+                for role in self.stage.models()}
 
     def _remote_engine(self, loaded, trainer, n: int, topk: int, salt: int, start_step: int):
         from megatron_s2d.rollout.remote import make_remote_engine
@@ -213,15 +216,33 @@ class StageJob:
             prompts = self.prompts.step(step, self.stage.prompts_per_step)
             return prompts.prompt_ids, self.sampling(prompts, n, topk=topk, salt=salt)
 
+        from megatron_s2d.models.memory import max_model_len
+
         frozen = trainer is None or loaded.model is not trainer.base  # a teacher generates: nothing to push
+        kind = engine_for(self.stage.rollout)
         engine = make_remote_engine(
             self.bridge, loaded, trainer=None if frozen else trainer, gen_cfg=self.plan.models[self.stage.samples_from],
             trainer_layout=(self.dist.tp, self.dist.pp), dp_rank=self.dist.dp_rank, stop_ids=self.assets.stop_ids,
-            pad_id=self.assets.pad_id, rollout=self.stage.rollout, lookahead=lookahead, start_step=start_step,
-            end_step=self.stage.steps, resumed_from=None if frozen else self.resumed_from)
-        self.log(f"rollouts on {len(self.bridge.generators)} generation ranks of their own (megatron sampler), "
+            pad_id=self.assets.pad_id, rollout=self.stage.rollout, engine=kind, lookahead=lookahead,
+            start_step=start_step, end_step=self.stage.steps, resumed_from=None if frozen else self.resumed_from,
+            work_dir=self.store.dir, max_model_len=max_model_len(self.plan, self.stage.rollout.max_new_tokens),
+            gpu_memory_utilization=self._generation_vllm_fraction() if kind == "vllm" else None)
+        what = (f"vLLM tp={vllm_tp(self.plan, self.stage)}" if kind == "vllm" else "megatron sampler")
+        self.log(f"rollouts on {len(self.bridge.generators)} generation ranks of their own ({what}), "
                  f"{len(self.bridge.trainers)} ranks train; max_staleness={self.stage.rollout.max_staleness}")
         return engine
+
+    def _generation_vllm_fraction(self) -> float | None:
+        """vLLM's share of a generation rank's GPU (``models.memory.estimate_generation_memory``: the plan's value,
+        or the budget less the CUDA context, the transfer's destination model and headroom); None on CPU. The
+        generation ranks are assumed to have this rank's kind of GPU (one SLURM allocation)."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        from megatron_s2d.models.memory import generation_vllm_fraction
+
+        return generation_vllm_fraction(self.plan, self.stage, self._archs(), torch.cuda.mem_get_info()[1] / 2**30)
 
     def close_engines(self) -> None:
         """Stop the generation ranks (their server exits), whatever way the loop ended."""

@@ -117,3 +117,26 @@ def test_cli_dry_run_entry_local(tmp_path, capsys):
     assert f"python -m megatron_s2d.stages.entry --plan {tmp_path}/plan.resolved.yaml --stage opd" in text
     assert "megatron_s2d.launch.agent" not in text
     assert not (tmp_path / "dry_run" / "report.sh").exists()  # local: the CLI writes the report itself
+
+
+def test_auto_placement_is_chosen_priced_and_recorded_through_console_script(tmp_path):
+    """``rollout.placement: auto`` on the 70B recipe: ``s2d run --dry-run`` prints each stage's choice with both
+    prices, the table prices the choice, and the resolved plan (what the jobs would read) records it."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    proc = s2d("run", "run_configs/llama3.3_70b_to_llama3.1_8b.yaml", "--dry-run", f"run_dir={run_dir}",
+               f"launch.slurm.job_dir={tmp_path / 'jobs'}", "stages.opd.rollout.placement=auto",
+               "stages.student_rl.rollout.placement=auto", "stages.student_rl.rollout.max_staleness=1")
+    out = proc.stdout
+    assert "dry run OK" in out, out[-3000:]
+    # on-policy OPD: colocated is cheaper on the price model; one step ahead needs ranks of its own (auto picks N)
+    assert "[s2d] stages.opd.rollout.placement: auto -> colocated (priced: colocated " in out
+    chosen = next(line for line in out.splitlines() if "stages.student_rl.rollout.placement: auto -> " in line)
+    n = int(chosen.split("auto -> separate, ")[1].split()[0])
+    assert f"separate on {n} of 32 ranks" in chosen
+    resolved = yaml.safe_load((run_dir / "dry_run" / "plan.resolved.yaml").read_text())
+    by_name = {s["name"]: s["rollout"] for s in resolved["stages"]}
+    assert (by_name["student_rl"]["placement"], by_name["student_rl"]["generation_ranks"]) == ("separate", n)
+    assert by_name["opd"]["placement"] == "colocated"
+    assert any(line.startswith("student_rl") and "separate k=1" in line for line in out.splitlines())

@@ -34,14 +34,21 @@ def test_staleness_needs_ranks_of_its_own(tmp_path):
         _plan(tmp_path, max_staleness=1)
 
 
-def test_separate_serves_the_megatron_sampler_only_for_now(tmp_path):
-    with pytest.raises(S2DError, match=r"serves rollouts with the megatron sampler .* set rollout.engine: megatron"):
-        _plan(tmp_path, placement="separate", generation_ranks=2, engine="vllm")
+def test_vllm_generation_ranks_hold_whole_vllm_replicas(tmp_path):
+    """vLLM on generation ranks: replicas of ``vllm.tp`` ranks (every layer on each), not the model's tp x pp."""
+    plan = _plan(tmp_path, placement="separate", generation_ranks=2, engine="vllm", vllm={"tp": 2})
+    assert all(s.rollout.generation_ranks == 2 for s in plan.stages)
+    with pytest.raises(S2DError, match=r"generation_ranks = 1: the 1 generation ranks must hold whole replicas of "
+                                       r"the \w+'s vLLM engine \(rollout.vllm.tp = 2\)"):
+        _plan(tmp_path, placement="separate", generation_ranks=1, engine="vllm", vllm={"tp": 2})
 
 
-def test_auto_placement_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(S2DError, match=r"placement = 'auto' is not chosen by this release yet"):
-        _plan(tmp_path, placement="auto")
+def test_auto_placement_loads_and_leaves_generation_ranks_to_the_launcher(tmp_path):
+    plan = _plan(tmp_path, placement="auto")  # resolved by the launcher (tests/unit/launch/test_pricing.py)
+    assert all(s.rollout.placement == "auto" for s in plan.stages)
+    with pytest.raises(S2DError, match=r"generation_ranks = 2: placement 'auto' chooses it .* remove it, or set "
+                                       r"placement: separate"):
+        _plan(tmp_path, placement="auto", generation_ranks=2)
 
 
 def test_where_generation_runs_is_neutral_and_correction_is_recorded_as_run(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_s2d.config import ModelConfig, load_plan
+from megatron_s2d.errors import S2DError
 from megatron_s2d.launch import price_constants as C
 from megatron_s2d.launch import pricing as P
 from megatron_s2d.launch.checks import MemoryBudgetError, resolve_arch
@@ -168,6 +169,32 @@ def test_choose_placement_rule(small):
     assert P.best_separate(plan, stage, archs, heavy) == six
     stage.rollout.placement, stage.rollout.generation_ranks = "auto", 0
     assert P.placement_of(plan, stage, archs) == P.choose_placement(plan, stage, archs)
+
+
+def test_auto_placement_is_resolved_into_the_plan_with_its_reason(small, monkeypatch):
+    """``placement: auto``: the launcher writes the choice into the plan every job reads, with a line saying why;
+    a choice that leaves ``max_staleness`` > 0 colocated is refused, naming the field."""
+    plan, archs = small
+    heavy = replace(DEV, sampler_step_s_per_layer=0.05, train_mfu=0.1, intra_node_bytes_per_s=1e11)
+    rl = plan.stages[0]
+    rl.rollout.placement, rl.rollout.max_staleness, rl.eval, rl.steps = "auto", 1, False, 100
+    resolved, notes = P.resolve_placements(plan, archs, heavy)
+    got = resolved.stages[0].rollout
+    assert (got.placement, got.generation_ranks) == ("separate", 6) and plan.stages[0].rollout.placement == "auto"
+    assert len(notes) == 1 and notes[0].startswith(f"stages.{rl.name}.rollout.placement: auto -> separate, 6 "
+                                                   "generation ranks (priced: colocated ")
+    assert resolved.stages[1] is plan.stages[1]  # not auto: untouched
+    # on the default device colocated is cheaper; at max_staleness 1 (ranks of its own only) auto chooses N alone
+    resolved, notes = P.resolve_placements(plan, archs, DEV)
+    assert resolved.stages[0].rollout.generation_ranks == P.best_separate(plan, rl, archs, DEV).generation_ranks
+    rl.rollout.max_staleness = 0
+    resolved, notes = P.resolve_placements(plan, archs, DEV)
+    assert resolved.stages[0].rollout.placement == "colocated" and "auto -> colocated (priced: " in notes[0]
+    # generation ahead asked for, and no split possible (here: none offered): refused, naming the field
+    rl.rollout.max_staleness = 1
+    monkeypatch.setattr(P, "separate_candidates", lambda plan, stage: [])
+    with pytest.raises(S2DError, match=rf"stages.{rl.name}.rollout.max_staleness = 1: running generation ahead"):
+        P.resolve_placements(plan, archs, DEV)
 
 
 def test_separate_memory_sides(small):
