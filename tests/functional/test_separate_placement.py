@@ -1,5 +1,5 @@
 """Generation on ranks of their own (``rollout.placement: separate``, rollout.remote) in real stage jobs of the mini
-world: a GRPO and an OPD stage, 3 steps each, run through the job entry (``stages.entry.run_stage``: the world split,
+world: a GRPO, a forward-KL warmup (the frozen teacher generates) and an OPD stage, 3 steps each, run through the job entry (``stages.entry.run_stage``: the world split,
 the generator server, the weight pushes):
 
 * k = 0 on 2 trainers + 2 generators equals colocated on 2 ranks: every per-step number the loop computes from the
@@ -72,6 +72,7 @@ def _compared(m: dict) -> dict:
 
 def _plan(mini_world, run: Path, procs: int, rollout: dict) -> dict:
     stages = [{"name": "trl", "kind": "teacher_rl", "split": "1H", "eval": False},
+              {"name": "fkl", "kind": "fkl_warmup", "init": "base", "teacher": "base", "split": "1H", "eval": False},
               {"name": "opd", "kind": "opd", "init": "base", "teacher": "base", "split": "1H", "eval": False}]
     plan = mini_plan(mini_world, run, stages, eval={"k": 1, "max_new_tokens": 4, "include_base": False},
                      launch={"procs_per_node": procs})
@@ -85,28 +86,29 @@ def _prepared(mini_world, run: Path, procs: int, rollout: dict, **stage_defaults
     return run_distributed(_prepare, world_size=1, timeout=300, init_process_group=False, plan_dict=plan)[0]
 
 
-def _stage_runs(mini_world, tmp_path, name, procs, rollout, stages=("trl", "opd")):
+def _stage_runs(mini_world, tmp_path, name, procs, rollout, stages=("trl", "fkl", "opd"), one_job=False):
     run = tmp_path / name
     plan = _prepared(mini_world, run, procs, rollout)
-    for name in stages:  # one job per stage, as the launcher runs them
+    # one job per stage, as the launcher runs them (a split world is made once per job); colocated stages can share
+    for names in [list(stages)] if one_job else [[n] for n in stages]:
         codes = run_distributed(_run, world_size=procs, timeout=600, init_process_group=False, plan=plan,
-                                names=[name])
-        assert all(c == [0] for c in codes), codes
+                                names=names)
+        assert all(c == [0] * len(names) for c in codes), codes
     return run
 
 
 def test_separate_k0_equals_colocated_and_k1_runs_one_step_ahead(mini_world, tmp_path):
-    colocated = _stage_runs(mini_world, tmp_path, "colocated", 2, {})
+    colocated = _stage_runs(mini_world, tmp_path, "colocated", 2, {}, one_job=True)
     k0 = _stage_runs(mini_world, tmp_path, "k0", 4, {"placement": "separate", "generation_ranks": 2})
     # k = 1 on the OPD stage (the toy GRPO's groups have zero reward variance: its weights would not move)
     k1 = _stage_runs(mini_world, tmp_path, "k1", 4, {"placement": "separate", "generation_ranks": 2,
                                                       "max_staleness": 1}, stages=("opd",))
-    for stage in ("trl", "opd"):
+    for stage in ("trl", "fkl", "opd"):
         want, got = _metrics(colocated, stage), _metrics(k0, stage)
         assert len(want) == len(got) == 3
         for w, g in zip(want, got):
             assert _compared(g) == _compared(w), (stage, w, g)
-            assert g["staleness"] == 0
+            assert g.get("staleness", 0) == 0
         if stage != "opd":
             continue
         lagged = _metrics(k1, stage)
