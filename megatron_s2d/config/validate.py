@@ -410,9 +410,9 @@ def trainer_world(plan: PlanConfig, stage: StageBase) -> int:
 
 
 def can_separate(stage: StageBase) -> bool:
-    """Whether generation ranks of their own can serve a stage: GRPO, OPD and the forward-KL warmup ask for one
-    request per step (``rollout.remote``); rejection SFT samples in rounds of its own."""
-    return isinstance(stage, (GRPOStageConfig, OPDStageConfig, WarmupStageConfig))
+    """Whether generation ranks of their own can serve a stage: every kind that generates (GRPO, OPD and the
+    forward-KL warmup one request per step, rejection SFT its rounds' requests, ``rollout.remote``)."""
+    return isinstance(stage, (GRPOStageConfig, OPDStageConfig, WarmupStageConfig, TeacherSFTStageConfig))
 
 
 def placement_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
@@ -436,8 +436,11 @@ def placement_errors(plan: PlanConfig, stage: StageBase) -> list[str]:
                        "of its own; set rollout.placement: separate (with generation_ranks), or max_staleness: 0")
         return out
     if not can_separate(stage):
-        out.append(f"{w}.placement = 'separate': a {stage.kind} stage generates in rounds of its own, which "
-                   "generation ranks do not serve yet; use rollout.placement: colocated")
+        out.append(f"{w}.placement = 'separate': generation ranks do not serve a {stage.kind} stage; use "
+                   "rollout.placement: colocated")
+    if isinstance(stage, TeacherSFTStageConfig) and r.max_staleness:
+        out.append(f"{w}.max_staleness = {r.max_staleness}: a rejection round samples with the weights of every "
+                   "update before it (nothing runs ahead of its training steps); set max_staleness: 0")
     gen, n = plan.models[stage.samples_from], r.generation_ranks
     trained = plan.models[stage.trains]
     # a replica on the generation ranks: vLLM's (vllm.tp ranks, every layer on each) or the sampler's (tp x pp)

@@ -167,17 +167,18 @@ class StageJob:
         return self.load_frozen(self.stage.init, self.role).scorer(self.dist.dp_rank)
 
     def make_engine(self, loaded: "LoadedModel", trainer=None, *, n: int = 1, topk: int = 0, salt: int = 0,
-                    start_step: int = 0):
+                    start_step: int = 0, per_step: bool = True):
         """The stage's rollout engine generating with ``loaded`` (``self.policy_model``, or a frozen teacher), with
         the memory phases of ``rollout.colocation`` around each generation: ``trainer`` (the ``TrainablePolicy``) is
         the policy whose grads and optimizer state leave the device meanwhile. ``n``, ``topk``, ``salt``: what every
         step asks for (:meth:`sampling`), from ``start_step`` on: an engine on generation ranks of their own
-        (``rollout.placement: separate``) runs ahead on them (``rollout.remote``)."""
+        (``rollout.placement: separate``) runs ahead on them (``rollout.remote``). ``per_step`` False: the stage
+        asks other requests than one per step of its prompt stream (rejection SFT's rounds): nothing is asked ahead."""
         from megatron_s2d.models.memory import max_model_len
         from megatron_s2d.rollout.factory import make_engine
 
         if self.bridge is not None:
-            engine = self._remote_engine(loaded, trainer, n, topk, salt, start_step)
+            engine = self._remote_engine(loaded, trainer, n, topk, salt, start_step, per_step)
             self._engines.append(engine)
             return engine
 
@@ -209,7 +210,7 @@ class StageJob:
                 ModelAssets.load(self.store.checkpoint_of(self.stage.teacher, role)).arch
                 for role in self.stage.models()}
 
-    def _remote_engine(self, loaded, trainer, n: int, topk: int, salt: int, start_step: int):
+    def _remote_engine(self, loaded, trainer, n: int, topk: int, salt: int, start_step: int, per_step: bool):
         from megatron_s2d.rollout.remote import make_remote_engine
 
         def lookahead(step: int):  # what step ``step`` asks for: the stage's prompt stream is a function of the step
@@ -223,7 +224,8 @@ class StageJob:
         engine = make_remote_engine(
             self.bridge, loaded, trainer=None if frozen else trainer, gen_cfg=self.plan.models[self.stage.samples_from],
             trainer_layout=(self.dist.tp, self.dist.pp), dp_rank=self.dist.dp_rank, stop_ids=self.assets.stop_ids,
-            pad_id=self.assets.pad_id, rollout=self.stage.rollout, engine=kind, lookahead=lookahead,
+            pad_id=self.assets.pad_id, rollout=self.stage.rollout, engine=kind,
+            lookahead=lookahead if per_step else None,
             start_step=start_step, end_step=self.stage.steps, resumed_from=None if frozen else self.resumed_from,
             work_dir=self.store.dir, max_model_len=max_model_len(self.plan, self.stage.rollout.max_new_tokens),
             gpu_memory_utilization=self._generation_vllm_fraction() if kind == "vllm" else None)

@@ -183,7 +183,9 @@ def run(job) -> bool:
     policy, state = job.load_policy()
     loss = ForwardKLLoss(mode="sampled", temperature=st.rollout.temperature)  # the response tokens' NLL
     rejection = sft.source == "rejection"
-    engine = job.make_engine(job.policy_model, trainer=policy) if rejection else None
+    # rounds, not one request per step: an engine on generation ranks of their own asks nothing ahead
+    engine = job.make_engine(job.policy_model, trainer=policy, start_step=state.step, per_step=False) \
+        if rejection else None
     responses = None if rejection else solution_responses(job)
     per_round, per_rank = st.steps // sft.rounds, st.prompts_per_step // job.dist.dp
     kept, round_stats, sampled_at = [], {}, None

@@ -1,7 +1,8 @@
 """``teacher_sft`` through the real CLI: SFT on reference solutions (mini world: a pool whose rows carry solutions)
 trains, counts its labels and feeds a forward-KL bridge; a pool without solutions is refused before anything runs;
-rejection-sampling SFT on the shipped toy world (whose teacher solves some problems) trains on the samples it kept
-and resumes bit-identically after a SIGKILL."""
+rejection-sampling SFT on the shipped toy world (whose teacher solves some problems) trains on the samples it kept,
+resumes bit-identically after a SIGKILL, and samples its rounds on a generation rank of its own
+(``rollout.placement: separate``) to the same final weights."""
 
 import json
 import os
@@ -94,9 +95,13 @@ def _toy_rejection_plan(run: Path) -> dict:
 
 def test_rejection_sft_trains_on_kept_samples_and_resumes_bit_identically(tmp_path):
     results = {}
-    for mode in ("straight", "crashed"):
+    for mode in ("straight", "crashed", "separate"):
         run = tmp_path / mode
-        plan = write_plan(tmp_path / f"{mode}.yaml", _toy_rejection_plan(run))
+        d = _toy_rejection_plan(run)
+        if mode == "separate":  # the rounds sampled on a generation rank of its own, next to the one trainer
+            d["launch"] = {"procs_per_node": 2}
+            d["stages"][0]["rollout"].update(placement="separate", generation_ranks=1)
+        plan = write_plan(tmp_path / f"{mode}.yaml", d)
         if mode == "crashed":
             proc = subprocess.Popen([s2d_console_script(), "run", str(plan)], cwd=ROOT, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,3 +132,10 @@ def test_rejection_sft_trains_on_kept_samples_and_resumes_bit_identically(tmp_pa
         assert torch.equal(v, crashed[k]), k
     assert crashed_lin["ledger"]["generated_tokens"] == lin["ledger"]["generated_tokens"]
     assert [x["nll_mean"] for x in crashed_m] == [x["nll_mean"] for x in m]
+    # on a generation rank of its own (k = 0): the same samples kept, the same training, the same final weights;
+    # round 1 sampled with the weights of round 0's two updates (pushed before it: staleness 0)
+    separate, sep_lin, sep_m = results["separate"]
+    for k, v in weights.items():
+        assert torch.equal(v, separate[k]), k
+    assert sep_lin["ledger"]["generated_tokens"] == lin["ledger"]["generated_tokens"]
+    assert [(x["nll_mean"], x["sft_kept_frac"]) for x in sep_m] == [(x["nll_mean"], x["sft_kept_frac"]) for x in m]

@@ -63,3 +63,17 @@ def test_where_generation_runs_is_neutral_and_correction_is_recorded_as_run(tmp_
     assert stage_fingerprint(on_policy, rl)["rollout_correction.mode"] == "none"  # as plans before "auto" recorded
     rl_ahead = next(s for s in ahead.stages if s.name == rl.name)
     assert stage_fingerprint(ahead, rl_ahead)["rollout_correction.mode"] == "tis"
+
+
+def test_rejection_sft_rounds_separate_on_policy_only(tmp_path):
+    """teacher_sft's rounds may sample on generation ranks of their own, with the weights of every update before the
+    round (k = 0); running ahead is refused, naming the field."""
+    d = copy.deepcopy(BASE)
+    d["launch"] = {"procs_per_node": 4}
+    d["stages"] = [{"name": "t_sft", "kind": "teacher_sft", "split": "1H", "sft": {"source": "rejection"},
+                    "rollout": {"engine": "megatron", "placement": "separate", "generation_ranks": 2}}]
+    assert load_plan(_write(tmp_path, d)).stages[0].rollout.placement == "separate"
+    d["stages"][0]["rollout"]["max_staleness"] = 1
+    with pytest.raises(S2DError, match=r"stages.t_sft.rollout.max_staleness = 1: a rejection round samples with the "
+                                       r"weights of every update before it"):
+        load_plan(_write(tmp_path, d))
