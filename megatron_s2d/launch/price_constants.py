@@ -84,26 +84,29 @@ H100 = DeviceProfile(
 # benchmarks/RESULTS.md ("Price model"). The toy teacher (0.83 M params, 4 layers) on 64 rows x 64 tokens.
 CPU_2CORE = DeviceProfile(
     name="cpu-2core",
-    peak_flops=112.5e9,  # fp32 2048^3 matmul, 2 threads
+    # benchmarks/cpu_profile.py on the idle VM (RESULTS "Price model", session 7: three runs, the best of each figure;
+    # the first profile, 112.5 GFLOP/s and 33.5 GB/s, was measured while other work shared the VM)
+    peak_flops=187.9e9,  # fp32 2048^3 matmul, 2 threads
     peak_flops_fp8=0.0,
-    mem_bytes_per_s=33.5e9,  # sum of a 512 MiB fp32 tensor
+    mem_bytes_per_s=44.0e9,  # sum of a 512 MiB fp32 tensor
     intra_node_bytes_per_s=1 / 1.18e-9,  # RESULTS: vLLM-CPU colocated refit, sharded, 1.18 s/GB per rank
     inter_node_bytes_per_s=1 / 1.18e-9,  # one node only; kept equal
     link_efficiency=1.0,  # the figure above is already what a transfer achieves
     engine_load_bytes_per_s=1 / 1.18e-9,  # the same measurement: it is vLLM's load path
-    train_mfu=0.75,  # GRPO train step 0.242 s: 6 x 834,944 x 4,096 / 0.242 / 112.5e9
+    train_mfu=0.47,  # GRPO train step 0.233 s: 6 x 834,944 x 4,096 / 0.233 / 187.9e9
     fp8_train_speedup=1.0,
-    score_mfu=0.70,  # forward-only log-probs 0.0863 s: 2 x 834,944 x 4,096 / 0.0863 / 112.5e9
+    score_mfu=0.48,  # forward-only log-probs 0.0753 s: 2 x 834,944 x 4,096 / 0.0753 / 187.9e9
     fp8_score_speedup=1.0,
     decode_bw_efficiency=1.0,  # mem_bytes_per_s is the measured read rate itself
-    sampler_step_s_per_layer=0.006094 / 4,  # a decode step at batch 1: 6.09 ms, 4 layers
-    # a step at 64 rows: 17.67 ms, (17.67 - 6.09) / 63 per row (its FLOPs, ~3% of it, counted again by the model)
-    sampler_row_step_s=(0.017672 - 0.006094) / 63,
+    sampler_step_s_per_layer=0.005065 / 4,  # a decode step at batch 1: 5.07 ms, 4 layers
+    # a step at 64 rows: 8.52 ms, (8.52 - 5.07) / 63 per row (its FLOPs, ~3% of it, counted again by the model)
+    sampler_row_step_s=(0.008524 - 0.005065) / 63,
     reward_s_per_sample=2 / 207,  # RESULTS (third session): 207 problems/s on this VM's 2 workers
     reward_workers_per_rank=2,  # rewards.math.default_workers: this VM's 2 CPUs
-    # RESULTS ("Price model"): a toy stage job's time less its steps, teacher generation and evaluation: 12.8-16.7 s
-    # (median 15) over the 8 jobs of two calibration runs (launcher, torchrun, imports, model load, checkpoint, lineage)
-    job_startup_s=15.0,
+    # RESULTS ("Price model"): a toy stage job's time less its steps, teacher generation and evaluation, on the idle
+    # VM (session 7): 8.0-10.5 s, median 8.4, over the 4 jobs of the calibration run (launcher, torchrun, imports,
+    # model load, checkpoint, lineage; 12.8-16.7 s on the busy VM of the first calibration)
+    job_startup_s=8.4,
 )
 
 PROFILES = {p.name: p for p in (H100, CPU_2CORE)}
