@@ -423,6 +423,21 @@ def _stop_handlers(request: StopRequest):
             signal.signal(s, h)
 
 
+def _poll_quickly(exp, interval_s: float = 0.2) -> None:
+    """NeMo-Run waits for a local job with ``runner.wait(handle, wait_interval=2)`` (nemo_run/run/torchx_backend/
+    launcher.py:160, hard-coded): the launcher noticed a finished job 1 s late on average, up to 2 s (a plan of 21
+    jobs: ~20 s). The experiment's runner (``Experiment._runner``, the one ``_wait_for_jobs`` passes a LocalExecutor's
+    jobs) polls every ``interval_s`` instead; a local job's status is a ``Popen.poll()`` (torchx
+    schedulers/local_scheduler.py), so polling often costs nothing."""
+    runner = exp._runner
+    real = runner.wait
+
+    def wait(app_handle, wait_interval: float = 10):
+        return real(app_handle, wait_interval=min(wait_interval, interval_s))
+
+    runner.wait = wait
+
+
 def _run_local(plan: PlanConfig, planned: PlannedRun, out: TextIO, verbose: bool = False,
                nemo_run_output: io.StringIO | None = None) -> None:
     """Run the per-job experiments one after another; stop at the first failure with an error naming job and log;
@@ -437,6 +452,7 @@ def _run_local(plan: PlanConfig, planned: PlannedRun, out: TextIO, verbose: bool
         stop = StopRequest(job.name)
         with _stop_handlers(stop):
             with _filtered_stdout(layout, verbose) as filt, exp:
+                _poll_quickly(exp)
                 exp.run(tail_logs=True)
         if stop.signum is not None:
             raise LaunchStopped(stop.message(layout), stop.signum)

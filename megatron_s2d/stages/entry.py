@@ -170,5 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the job process without the interpreter's module teardown: about 1.4 s on 2 CPU cores (torch, megatron,
+    transformers and thousands of modules finalised one by one) after everything is written, paid by every stage job
+    process. The exit handlers still run (``atexit``: what libraries registered, e.g. W&B's), logging is flushed and
+    closed, stdout / stderr flushed; the job's own files are written and closed before ``main`` returns (checkpoints,
+    metrics, COMPLETE). Only on a normal return: an exception still ends the interpreter the usual way, with its
+    traceback."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
