@@ -77,6 +77,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/s2d_async_bench"))
     args = ap.parse_args()
     out = args.out / args.engine
+    if out.exists():  # a finished run there would be "nothing to run", and its old metrics read as new
+        import shutil
+
+        shutil.rmtree(out)
     wall = {name: run(name, procs, rollout, args.steps, out, args.engine)
             for name, (procs, rollout) in PLACEMENTS.items()}
     print(f"\nengine: {args.engine}")
