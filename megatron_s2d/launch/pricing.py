@@ -57,7 +57,7 @@ from dataclasses import dataclass, replace
 from megatron_s2d.config.schema import (
     GRPOStageConfig, ModelConfig, OPDStageConfig, PlanConfig, StageBase, TeacherSFTStageConfig,
 )
-from megatron_s2d.config.validate import split_parts
+from megatron_s2d.config.validate import can_separate, split_parts, validate_plan
 import megatron_s2d.launch.price_constants as C
 from megatron_s2d.launch.price_constants import DeviceProfile
 from megatron_s2d.models.arch import ArchSpec
@@ -372,8 +372,6 @@ def separate_candidates(plan: PlanConfig, stage: StageBase) -> list[int]:
     the world whose T = world - N trainers hold whole replicas of every model they run and split the step's
     prompts evenly over the trained model's data-parallel ranks, each with a row for every update (none for a
     stage kind generation ranks do not serve, ``config.validate.can_separate``)."""
-    from megatron_s2d.config.validate import can_separate
-
     if not can_separate(stage):
         return []
     world = _world(plan)
@@ -427,10 +425,8 @@ def resolve_placements(plan: PlanConfig, archs: dict[str, ArchSpec], dev: Device
                        ) -> tuple[PlanConfig, list[str]]:
     """The plan with every ``rollout.placement: auto`` of a stage that generates replaced by the choice of
     :func:`choose_placement` (``placement`` and ``generation_ranks`` set), validated again (a stage with
-    ``max_staleness`` > 0 and no possible split is refused, naming the field), and one line per choice saying why. The launcher
-    resolves before the run folder's ``plan.resolved.yaml`` is written, so every job reads the choice."""
-    from megatron_s2d.config.validate import validate_plan
-
+    ``max_staleness`` > 0 and no possible split is refused, naming the field), and one line per choice saying why.
+    The launcher resolves before the run folder's ``plan.resolved.yaml`` is written, so every job reads the choice."""
     stages, notes = [], []
     for s in plan.stages:
         if not s.generates() or s.rollout.placement != "auto":

@@ -161,7 +161,6 @@ class RemoteEngine:
         self._stale = None if hello.frozen else source  # the policy to push before the next request
         self._returned: float | None = None  # when the last generate returned (a step's wall time: trainer_idle_frac)
         self._ready = False  # the generators have built their model (waited for once, at the first push)
-        self._push_wait = 0.0  # the trainers' wait inside the step's push, for generation still in flight
         self._n = 0  # control messages sent
         # step -> (every DP rank's result, meta): generated, not yet served (collected for a checkpoint, or restored
         # from one: ``in_flight`` is the text :meth:`checkpoint_files` wrote)
@@ -196,8 +195,8 @@ class RemoteEngine:
         # never past the stage's last step; without a lookahead (a stage that samples in rounds) this request only
         upto = min(s + self.k, self.end_step - 1) if self.lookahead is not None else s
         # the new weights go out before the next request that needs them (none left: no transfer for nothing)
-        self._push_wait = 0.0
-        sync = self._push() if self._stale is not None and upto > self.sent else {}
+        # the trainers' wait inside the push (generation still in flight, or starting) counts as waiting for rollouts
+        sync, push_wait = self._push() if self._stale is not None and upto > self.sent else ({}, 0.0)
         wanted = {}
         for j in range(self.sent + 1, upto + 1):  # every data-parallel rank's request of step j
             p, sp = (prompts, params) if j == s else self.lookahead(j)
@@ -216,7 +215,7 @@ class RemoteEngine:
         if s not in self._stash:
             self._collect([s])
         got, meta = self._stash.pop(s)
-        idle = time.perf_counter() - t0 + self._push_wait  # waiting for rollouts: in the push, then for this step's
+        idle = time.perf_counter() - t0 + push_wait  # waiting for rollouts: in the push, then for this step's
         self.step += 1
         res = got[self.dp_rank]
         staleness = self.updates - meta["version"] if not self.frozen else 0
@@ -259,10 +258,11 @@ class RemoteEngine:
         self._collect([j for j in range(self.step, self.sent + 1) if j not in self._stash])
         return {IN_FLIGHT_FILE: _stash_to_json(self._stash)} if self._stash else {}
 
-    def _push(self) -> dict:
+    def _push(self) -> tuple[dict, float]:
         """Every request sent has been generated; then the generators take the policy's weights (version s). The
         first push waits until the generators have built their model (start-up is not a transfer: it is not
-        bounded by ``sync_timeout_s``, only their heartbeats are)."""
+        bounded by ``sync_timeout_s``, only their heartbeats are). Returns (the transfer's figures, the seconds the
+        trainers waited for the generators before it)."""
         t0 = time.perf_counter()
         if self.bridge.is_main:
             if not self._ready:
@@ -273,11 +273,11 @@ class RemoteEngine:
                     self._wait_done(j)
             self._control(("weights", self.updates))
         dist.barrier()  # the trainers enter the transfer together, once the generators are idle
-        self._push_wait = time.perf_counter() - t0  # the trainers idle: generation still running (or starting)
+        waited = time.perf_counter() - t0
         self.version = self.updates
         m = self.transfer.run(self._stale.module, self.version)
         self._stale = None
-        return {"refit_s": m["seconds"], "refit_gb": m["bytes_sent"] / 1e9}
+        return {"refit_s": m["seconds"], "refit_gb": m["bytes_sent"] / 1e9}, waited
 
     def sync_weights(self, policy) -> dict[str, float]:
         """Mark the generators' weights stale after an update: the next ``generate`` pushes them (version = the

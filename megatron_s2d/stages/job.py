@@ -193,16 +193,19 @@ class StageJob:
                            gpu_memory_utilization=self._vllm_fraction() if engine == "vllm" else None,
                            trace=self.memory_trace, max_batch_tokens=self.stage.rollout.max_batch_tokens)
 
-    def _vllm_fraction(self) -> float | None:
-        """vLLM's share of this GPU (``models.memory.vllm_memory_fraction``: the plan's value, or derived from the
-        estimate of what stays resident while it generates); None on CPU, where vLLM sizes by ``cpu_kvcache_gib``."""
+    def _vllm_fraction(self, generation_ranks: bool = False) -> float | None:
+        """vLLM's share of a GPU: the plan's value, or derived from the estimate of what stays resident while it
+        generates (``models.memory.vllm_memory_fraction``; on generation ranks of their own, ``generation_ranks``:
+        ``generation_vllm_fraction``, the CUDA context and the transfer's destination model; those ranks are assumed
+        to have this rank's kind of GPU, one SLURM allocation). None on CPU, where vLLM sizes by ``cpu_kvcache_gib``."""
         import torch
 
         if not torch.cuda.is_available():
             return None
-        from megatron_s2d.models.memory import vllm_memory_fraction
+        from megatron_s2d.models.memory import generation_vllm_fraction, vllm_memory_fraction
 
-        return vllm_memory_fraction(self.plan, self.stage, self._archs(), torch.cuda.mem_get_info()[1] / 2**30)
+        fraction = generation_vllm_fraction if generation_ranks else vllm_memory_fraction
+        return fraction(self.plan, self.stage, self._archs(), torch.cuda.mem_get_info()[1] / 2**30)
 
     def _archs(self) -> dict:
         """The ArchSpec of each model the stage holds (the memory estimate's input)."""
@@ -211,13 +214,12 @@ class StageJob:
                 for role in self.stage.models()}
 
     def _remote_engine(self, loaded, trainer, n: int, topk: int, salt: int, start_step: int, per_step: bool):
+        from megatron_s2d.models.memory import max_model_len
         from megatron_s2d.rollout.remote import make_remote_engine
 
         def lookahead(step: int):  # what step ``step`` asks for: the stage's prompt stream is a function of the step
             prompts = self.prompts.step(step, self.stage.prompts_per_step)
             return prompts.prompt_ids, self.sampling(prompts, n, topk=topk, salt=salt)
-
-        from megatron_s2d.models.memory import max_model_len
 
         frozen = trainer is None or loaded.model is not trainer.base  # a teacher generates: nothing to push
         kind = engine_for(self.stage.rollout)
@@ -228,23 +230,11 @@ class StageJob:
             lookahead=lookahead if per_step else None,
             start_step=start_step, end_step=self.stage.steps, resumed_from=None if frozen else self.resumed_from,
             work_dir=self.store.dir, max_model_len=max_model_len(self.plan, self.stage.rollout.max_new_tokens),
-            gpu_memory_utilization=self._generation_vllm_fraction() if kind == "vllm" else None)
+            gpu_memory_utilization=self._vllm_fraction(generation_ranks=True) if kind == "vllm" else None)
         what = (f"vLLM tp={vllm_tp(self.plan, self.stage)}" if kind == "vllm" else "megatron sampler")
         self.log(f"rollouts on {len(self.bridge.generators)} generation ranks of their own ({what}), "
                  f"{len(self.bridge.trainers)} ranks train; max_staleness={self.stage.rollout.max_staleness}")
         return engine
-
-    def _generation_vllm_fraction(self) -> float | None:
-        """vLLM's share of a generation rank's GPU (``models.memory.estimate_generation_memory``: the plan's value,
-        or the budget less the CUDA context, the transfer's destination model and headroom); None on CPU. The
-        generation ranks are assumed to have this rank's kind of GPU (one SLURM allocation)."""
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        from megatron_s2d.models.memory import generation_vllm_fraction
-
-        return generation_vllm_fraction(self.plan, self.stage, self._archs(), torch.cuda.mem_get_info()[1] / 2**30)
 
     def close_engines(self) -> None:
         """Stop the generation ranks (their server exits), whatever way the loop ended."""
